@@ -1,0 +1,45 @@
+//! Per-route spans and metrics, and the answer to a panic.
+
+use std::{any::Any, time::Instant};
+
+use axum::{
+    extract::{MatchedPath, Request},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use tracing::Instrument;
+
+use crate::problem::Problem;
+
+/// Opens a span per request and counts it by route template, method and status.
+pub async fn record(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let span = tracing::info_span!("http", method = %method, route = %route, status = tracing::field::Empty);
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("status", status.as_u16());
+    let labels = [("method", method.to_string()), ("route", route), ("status", status.as_u16().to_string())];
+    metrics::counter!("keel_http_requests_total", &labels).increment(1);
+    metrics::histogram!("keel_http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+    if status.is_server_error() {
+        tracing::warn!(parent: &span, status = status.as_u16(), "request failed");
+    }
+    response
+}
+
+/// A panic in a handler becomes a 500 problem; its message is logged, never sent.
+pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = message, "handler panicked");
+    metrics::counter!("keel_http_panics_total").increment(1);
+    Problem::internal().into_response()
+}

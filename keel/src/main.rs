@@ -1,0 +1,101 @@
+//! `keel`: one binary, a subcommand per role and per admin task.
+
+#![forbid(unsafe_code)]
+
+mod config;
+mod roles;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use keel_runtime::ConfigSources;
+
+use crate::config::KeelConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about = "Keel: event sourcing and CQRS with Kafka as the source of truth")]
+struct Cli {
+    /// YAML config file; `KEEL_…` environment variables override it (`__` nests).
+    #[arg(long, global = true, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the schema registry (Confluent REST subset, stored in PostgreSQL).
+    Registry,
+    /// Run the identity command service (gRPC).
+    Identity,
+    /// Run the projection workers (read models and audit log).
+    Projector,
+    /// Run the HTTP gateway.
+    Gateway,
+    /// Apply the database migrations.
+    Migrate,
+    /// Kafka topics.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsCommand {
+    /// Create every topic of the catalogue that does not exist yet.
+    Create,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration, secrets redacted.
+    Dump,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute every hash chain and name the first broken entry.
+    Verify,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match ConfigSources::from_process(cli.config.clone()).load::<KeelConfig>() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("keel: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = config.validate() {
+        eprintln!("keel: {error}");
+        return ExitCode::from(2);
+    }
+    keel_runtime::telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keel: failed to start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(roles::run(cli.command, config)) {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "keel failed");
+            eprintln!("keel: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The real platform for end-to-end tests: a nisshi broker (memory storage, random port), a fresh
+//! PostgreSQL database, and every Keel role as its own `keel` process.
+
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    ClientConfig,
+    consumer::{BaseConsumer, Consumer},
+};
+use sqlx::{Connection, PgConnection, PgPool};
+
+pub const TOPIC_PARTITIONS: i32 = 8;
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn log_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("keel-tests").join(uuid::Uuid::new_v4().simple().to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn append_log(path: &Path) -> File {
+    OpenOptions::new().create(true).append(true).open(path).unwrap()
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The nisshi binary: on PATH, or where `cargo install` puts it.
+fn nisshi_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("NISSHI_BIN") {
+        return PathBuf::from(path);
+    }
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let installed = cargo_home.join("bin").join("nisshi");
+    if installed.exists() { installed } else { PathBuf::from("nisshi") }
+}
+
+/// A Kafka-API broker on loopback, stopped on drop.
+pub struct Broker {
+    child: Child,
+    pub bootstrap: String,
+    log: PathBuf,
+}
+
+impl Broker {
+    pub fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = dir.join("nisshi.log");
+        let child = Command::new(nisshi_binary())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://nisshi/",
+            ])
+            .stdout(append_log(&log))
+            .stderr(append_log(&log))
+            .spawn()
+            .expect("nisshi is installed (scripts/infra ensure)");
+        let broker = Self { child, bootstrap: format!("127.0.0.1:{port}"), log };
+        broker.wait_until_serving();
+        broker
+    }
+
+    fn wait_until_serving(&self) {
+        let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.fetch_metadata(None, Duration::from_secs(1)).is_err() {
+            assert!(Instant::now() < deadline, "nisshi did not start:\n{}", tail(&self.log, 30));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sum of the high watermarks of a topic: how many records were ever appended to it.
+    pub fn record_count(&self, topic: &str) -> i64 {
+        let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
+        (0..TOPIC_PARTITIONS)
+            .map(|partition| client.fetch_watermarks(topic, partition, Duration::from_secs(5)).unwrap().1)
+            .sum()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A database of its own for one test, dropped with it.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin_url = std::env::var("KEEL_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("keel_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url).await.expect("PostgreSQL runs (scripts/infra ensure)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+        let base = admin_url.rsplit_once('/').unwrap().0;
+        Self { url: format!("{base}/{name}"), name, admin_url }
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        PgPool::connect(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Best effort, outside the test's runtime: a leftover database only costs disk.
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Registry,
+    Identity,
+    Projector,
+    Gateway,
+}
+
+impl Role {
+    fn command(self) -> &'static str {
+        match self {
+            Self::Registry => "registry",
+            Self::Identity => "identity",
+            Self::Projector => "projector",
+            Self::Gateway => "gateway",
+        }
+    }
+}
+
+struct Running {
+    child: Child,
+    admin_url: String,
+    log: PathBuf,
+}
+
+/// Every role running as its own process against one broker and one database.
+pub struct Platform {
+    pub dir: PathBuf,
+    pub broker: Broker,
+    pub database: TestDatabase,
+    pub gateway_url: String,
+    env: Vec<(String, String)>,
+    admin_urls: BTreeMap<Role, String>,
+    running: BTreeMap<Role, Running>,
+}
+
+impl Platform {
+    /// Broker, database, migrations, topics, then registry, identity, projector and gateway.
+    pub async fn start() -> Self {
+        let mut platform = Self::prepare().await;
+        for role in [Role::Registry, Role::Identity, Role::Projector, Role::Gateway] {
+            platform.spawn(role);
+            platform.wait_ready(role, Duration::from_secs(60)).await;
+        }
+        platform
+    }
+
+    /// Broker, database, migrations and topics; no role runs yet.
+    pub async fn prepare() -> Self {
+        let dir = log_dir();
+        let broker = Broker::start(&dir);
+        let database = TestDatabase::create().await;
+        let registry = free_port();
+        let identity_grpc = free_port();
+        let ports = [
+            ("KEEL_REGISTRY__LISTEN", registry),
+            ("KEEL_IDENTITY__GRPC_LISTEN", identity_grpc),
+            ("KEEL_IDENTITY__ADMIN_LISTEN", free_port()),
+            ("KEEL_PROJECTOR__ADMIN_LISTEN", free_port()),
+            ("KEEL_GATEWAY__LISTEN", free_port()),
+        ];
+        let mut env: Vec<(String, String)> =
+            ports.iter().map(|(key, port)| ((*key).to_owned(), format!("127.0.0.1:{port}"))).collect();
+        env.extend(
+            [
+                ("KEEL_DATABASE__URL", database.url.clone()),
+                ("KEEL_KAFKA__BOOTSTRAP_SERVERS", broker.bootstrap.clone()),
+                ("KEEL_SCHEMA_REGISTRY__URL", format!("http://127.0.0.1:{registry}")),
+                ("KEEL_GATEWAY__IDENTITY_ENDPOINT", format!("http://127.0.0.1:{identity_grpc}")),
+                ("KEEL_LOG__FORMAT", "json".to_owned()),
+                ("KEEL_SHUTDOWN__GRACE_PERIOD_MS", "10000".to_owned()),
+            ]
+            .map(|(key, value)| (key.to_owned(), value)),
+        );
+        let address = |key: &str| env.iter().find(|(k, _)| k == key).unwrap().1.clone();
+        let admin_urls = BTreeMap::from([
+            (Role::Registry, format!("http://{}", address("KEEL_REGISTRY__LISTEN"))),
+            (Role::Identity, format!("http://{}", address("KEEL_IDENTITY__ADMIN_LISTEN"))),
+            (Role::Projector, format!("http://{}", address("KEEL_PROJECTOR__ADMIN_LISTEN"))),
+            (Role::Gateway, format!("http://{}", address("KEEL_GATEWAY__LISTEN"))),
+        ]);
+        let gateway_url = admin_urls[&Role::Gateway].clone();
+        let platform = Self { dir, broker, database, gateway_url, env, admin_urls, running: BTreeMap::new() };
+        for args in [&["migrate"][..], &["topics", "create"]] {
+            let output = platform.keel(args).output().unwrap();
+            assert!(output.status.success(), "keel {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        platform
+    }
+
+    /// A `keel` command with this platform's environment.
+    pub fn keel(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    pub fn spawn(&mut self, role: Role) {
+        self.spawn_with(role, &[]);
+    }
+
+    /// Starts a role with extra environment (overrides).
+    pub fn spawn_with(&mut self, role: Role, extra: &[(&str, &str)]) {
+        let log = self.dir.join(format!("{}.log", role.command()));
+        let mut command = self.keel(&[role.command()]);
+        command.envs(extra.iter().copied()).stdin(Stdio::null()).stdout(append_log(&log)).stderr(append_log(&log));
+        let child = command.spawn().unwrap();
+        let admin_url = self.admin_urls[&role].clone();
+        self.running.insert(role, Running { child, admin_url, log });
+    }
+
+    pub async fn wait_ready(&mut self, role: Role, timeout: Duration) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running = self.running.get_mut(&role).unwrap();
+            if let Some(status) = running.child.try_wait().unwrap() {
+                panic!("{role:?} exited with {status} while starting:\n{}", tail(&running.log, 40));
+            }
+            let url = format!("{}/readyz", running.admin_url);
+            if let Ok(response) = client.get(&url).send().await
+                && response.status() == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{role:?} not ready in {timeout:?}:\n{}", tail(&running.log, 40));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to drain or to clean up.
+    pub fn kill9(&mut self, role: Role) {
+        let mut running = self.running.remove(&role).expect("role is running");
+        running.child.kill().unwrap();
+        running.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    pub fn terminate(&mut self, role: Role, within: Duration) -> ExitStatus {
+        let mut running = self.running.remove(&role).expect("role is running");
+        let pid = running.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = running.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = running.child.kill();
+                panic!("{role:?} did not exit within {within:?} of SIGTERM:\n{}", tail(&running.log, 40));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn admin_url(&self, role: Role) -> &str {
+        &self.admin_urls[&role]
+    }
+
+    pub fn log_tail(&self, role: Role) -> String {
+        tail(&self.dir.join(format!("{}.log", role.command())), 40)
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("platform logs in {}", self.dir.display());
+            for role in self.running.keys() {
+                eprintln!("--- {role:?} ---\n{}", self.log_tail(*role));
+            }
+        }
+        for running in self.running.values_mut() {
+            let _ = running.child.kill();
+            let _ = running.child.wait();
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

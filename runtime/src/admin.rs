@@ -1,0 +1,91 @@
+//! Health and metrics: `/livez`, `/readyz`, `/healthz` and Prometheus `/metrics`.
+
+use std::{sync::Arc, sync::OnceLock, time::Duration};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// One dependency a role needs before it can serve: its database, the broker, …
+#[async_trait::async_trait]
+pub trait ReadinessCheck: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// `Err` carries a short, operator-facing reason.
+    async fn check(&self) -> Result<(), String>;
+}
+
+/// The readiness checks of a role and its shutdown state.
+#[derive(Clone)]
+pub struct Health {
+    checks: Arc<Vec<Arc<dyn ReadinessCheck>>>,
+    shutdown: CancellationToken,
+    timeout: Duration,
+}
+
+impl Health {
+    pub fn new(checks: Vec<Arc<dyn ReadinessCheck>>, shutdown: CancellationToken) -> Self {
+        Self { checks: Arc::new(checks), shutdown, timeout: Duration::from_secs(2) }
+    }
+
+    /// Runs every check concurrently, each bounded by a timeout.
+    pub async fn report(&self) -> (bool, serde_json::Value) {
+        let results = futures::future::join_all(self.checks.iter().map(|check| async move {
+            let outcome = match tokio::time::timeout(self.timeout, check.check()).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("timed out after {:?}", self.timeout)),
+            };
+            (check.name(), outcome)
+        }))
+        .await;
+        let mut ready = !self.shutdown.is_cancelled();
+        let mut checks = serde_json::Map::new();
+        for (name, outcome) in results {
+            let status = match outcome {
+                Ok(()) => json!({"status": "up"}),
+                Err(reason) => {
+                    ready = false;
+                    json!({"status": "down", "reason": reason})
+                }
+            };
+            checks.insert(name.to_owned(), status);
+        }
+        let status = if self.shutdown.is_cancelled() {
+            "shutting_down"
+        } else if ready {
+            "ready"
+        } else {
+            "not_ready"
+        };
+        (ready, json!({"status": status, "checks": checks}))
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .expect("no other metrics recorder is installed in a keel process")
+        })
+        .clone()
+}
+
+/// Routes every role serves next to its own.
+pub fn router(health: Health) -> Router {
+    let metrics = metrics_handle();
+    Router::new()
+        .route("/livez", get(|| async { Json(json!({"status": "alive"})) }))
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(readyz))
+        .with_state(health)
+        .route("/metrics", get(move || std::future::ready(metrics.render())))
+}
+
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    let (ready, body) = health.report().await;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body))
+}

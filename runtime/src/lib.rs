@@ -1,0 +1,14 @@
+//! The runtime every Keel role boots with.
+//!
+//! It knows nothing about users, posts or topics: it loads layered configuration, sets up
+//! telemetry, serves health and metrics, and turns SIGTERM / SIGINT into one bounded shutdown.
+
+pub mod admin;
+pub mod config;
+pub mod lifecycle;
+pub mod postgres;
+pub mod telemetry;
+
+pub use admin::{Health, ReadinessCheck};
+pub use config::{ConfigError, ConfigSources, DatabaseConfig, KafkaConfig, LogConfig, Secret, ShutdownConfig};
+pub use lifecycle::Lifecycle;

@@ -1,0 +1,95 @@
+//! The topic catalogue: every topic Keel writes, its partitions, configs and value schema.
+
+use std::fmt;
+
+/// A topic Keel owns. One topic per aggregate type, keyed by aggregate id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    IdentityUsers,
+}
+
+/// How a topic is created.
+#[derive(Debug, Clone, Copy)]
+pub struct TopicSpec {
+    pub topic: Topic,
+    /// Name without the installation's prefix.
+    pub base_name: &'static str,
+    /// Fixed at creation: keys are hashed over it, and some brokers cannot add partitions.
+    pub partitions: i32,
+    pub configs: &'static [(&'static str, &'static str)],
+    /// The Avro schema of record values, as kept in `topics/schemas/`.
+    pub value_schema: &'static str,
+}
+
+/// The log is the source of truth: events are kept forever.
+const EVENT_LOG_CONFIGS: &[(&str, &str)] = &[("cleanup.policy", "delete"), ("retention.ms", "-1")];
+
+const CATALOGUE: &[TopicSpec] = &[TopicSpec {
+    topic: Topic::IdentityUsers,
+    base_name: "identity.users",
+    partitions: 8,
+    configs: EVENT_LOG_CONFIGS,
+    value_schema: include_str!("../schemas/identity.users-value.avsc"),
+}];
+
+impl Topic {
+    pub const ALL: &'static [Topic] = &[Topic::IdentityUsers];
+
+    pub fn spec(self) -> &'static TopicSpec {
+        CATALOGUE.iter().find(|spec| spec.topic == self).expect("every topic is in the catalogue")
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.spec().base_name)
+    }
+}
+
+/// Full topic names of one installation (`<prefix><base name>`).
+#[derive(Debug, Clone, Default)]
+pub struct TopicNames {
+    prefix: String,
+}
+
+impl TopicNames {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    pub fn name(&self, topic: Topic) -> String {
+        format!("{}{}", self.prefix, topic.spec().base_name)
+    }
+
+    /// The topic a full name refers to, if it is one of ours.
+    pub fn parse(&self, name: &str) -> Option<Topic> {
+        let base = name.strip_prefix(&self.prefix)?;
+        Topic::ALL.iter().copied().find(|topic| topic.spec().base_name == base)
+    }
+
+    /// The Confluent subject of record values (TopicNameStrategy).
+    pub fn value_subject(&self, topic: Topic) -> String {
+        format!("{}-value", self.name(topic))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_schema_in_the_catalogue_parses() {
+        for topic in Topic::ALL {
+            apache_avro::Schema::parse_str(topic.spec().value_schema).unwrap();
+        }
+    }
+
+    #[test]
+    fn names_round_trip_with_a_prefix() {
+        let names = TopicNames::new("staging.");
+        assert_eq!(names.name(Topic::IdentityUsers), "staging.identity.users");
+        assert_eq!(names.parse("staging.identity.users"), Some(Topic::IdentityUsers));
+        assert_eq!(names.parse("identity.users"), None);
+        assert_eq!(names.value_subject(Topic::IdentityUsers), "staging.identity.users-value");
+    }
+}

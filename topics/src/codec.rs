@@ -1,0 +1,230 @@
+//! Record values in the Confluent wire format (magic byte, schema id, Avro datum), encoded and
+//! decoded through a Confluent-compatible schema registry with `schema_registry_converter`.
+//!
+//! A commit value is a record with one field, `events`: an array of a union of event records.
+//! Union branches are matched by record name, as the Avro specification resolves unions, so a
+//! reader handles writers whose union lists the branches in another order or has more of them.
+
+use std::{collections::HashMap, sync::Arc, sync::OnceLock, time::Duration};
+
+use apache_avro::{Schema, types::Value};
+use schema_registry_converter::{
+    async_impl::{
+        avro::{AvroDecoder, AvroEncoder},
+        schema_registry::SrSettings,
+    },
+    error::SRCError,
+    schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema},
+};
+
+use crate::catalogue::{Topic, TopicNames};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CodecError {
+    #[error("schema registry: {message}")]
+    Registry { message: String, retriable: bool },
+    #[error("record does not match its schema: {0}")]
+    Shape(String),
+    #[error("unknown event type `{0}`")]
+    UnknownEventType(String),
+}
+
+impl CodecError {
+    /// Whether trying again later may succeed (the registry was unreachable, …).
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Self::Registry { retriable: true, .. })
+    }
+}
+
+impl From<SRCError> for CodecError {
+    fn from(error: SRCError) -> Self {
+        let message = match &error.cause {
+            Some(cause) => format!("{}: {cause}", error.error),
+            None => error.error.clone(),
+        };
+        Self::Registry { message, retriable: error.retriable }
+    }
+}
+
+/// One decoded event of a commit: its record's full name and its fields, resolved against the
+/// schema this build of Keel reads with.
+#[derive(Debug, Clone)]
+pub struct DecodedEvent {
+    pub type_name: String,
+    pub record: Value,
+    /// The reader schema of this event record (for field attributes such as `keel.sensitive`).
+    pub schema: &'static Schema,
+}
+
+/// A decoded commit value.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub schema_id: u32,
+    pub events: Vec<DecodedEvent>,
+}
+
+/// Encodes and decodes commit values of Keel's topics.
+#[derive(Clone)]
+pub struct SchemaRegistryCodec {
+    encoder: Arc<AvroEncoder>,
+    decoder: Arc<AvroDecoder>,
+    names: TopicNames,
+}
+
+impl SchemaRegistryCodec {
+    pub fn new(registry_url: &str, names: TopicNames) -> Result<Self, CodecError> {
+        let settings = || {
+            SrSettings::new_builder(registry_url.trim_end_matches('/').to_owned())
+                .set_timeout(Duration::from_secs(10))
+                .no_proxy()
+                .build()
+                .map_err(CodecError::from)
+        };
+        Ok(Self {
+            encoder: Arc::new(AvroEncoder::new(settings()?)),
+            decoder: Arc::new(AvroDecoder::new(settings()?)),
+            names,
+        })
+    }
+
+    fn strategy(&self, topic: Topic) -> SubjectNameStrategy {
+        SubjectNameStrategy::TopicNameStrategyWithSchema(
+            self.names.name(topic),
+            false,
+            SuppliedSchema::new(None, SchemaType::Avro, topic.spec().value_schema.to_owned()),
+        )
+    }
+
+    /// Registers the topic's value schema (idempotent) and returns its id. Roles call it at start
+    /// so that an incompatible schema stops them before they write anything.
+    pub async fn register(&self, topic: Topic) -> Result<u32, CodecError> {
+        let subject = self.names.value_subject(topic);
+        let schema = self.encoder.get_schema_and_id(&subject, self.strategy(topic)).await?;
+        Ok(schema.id)
+    }
+
+    /// Encodes one commit value (a `Value::Record` of the topic's value schema).
+    pub async fn encode(&self, topic: Topic, value: Value) -> Result<Vec<u8>, CodecError> {
+        Ok(self.encoder.encode_value(value, &self.strategy(topic)).await?)
+    }
+
+    /// Decodes a commit value of `topic`, resolving every event against the reader schema.
+    pub async fn decode(&self, topic: Topic, payload: &[u8]) -> Result<Decoded, CodecError> {
+        let decoded = self
+            .decoder
+            .decode_with_schema(Some(payload))
+            .await?
+            .ok_or_else(|| CodecError::Shape("a commit has a value".into()))?;
+        let writer_branches = event_branch_names(&decoded.schema.parsed)?;
+        let reader = reader_branches(topic);
+        let Value::Record(fields) = decoded.value else {
+            return Err(CodecError::Shape("a commit value is a record".into()));
+        };
+        let items = match fields.into_iter().find(|(name, _)| name == "events") {
+            Some((_, Value::Array(items))) => items,
+            _ => return Err(CodecError::Shape("a commit has an `events` array".into())),
+        };
+        let events = items
+            .into_iter()
+            .map(|item| {
+                let Value::Union(index, record) = item else {
+                    return Err(CodecError::Shape("events are union values".into()));
+                };
+                let type_name = writer_branches
+                    .get(index as usize)
+                    .ok_or_else(|| CodecError::Shape(format!("union index {index} out of range")))?;
+                let schema = *reader.get(type_name).ok_or_else(|| CodecError::UnknownEventType(type_name.clone()))?;
+                let record = record.resolve(schema).map_err(|error| CodecError::Shape(error.to_string()))?;
+                Ok(DecodedEvent { type_name: type_name.clone(), record, schema })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Decoded { schema_id: decoded.schema.id, events })
+    }
+}
+
+/// The full names of the record branches of a commit schema's `events` union, in union order.
+fn event_branch_names(schema: &Schema) -> Result<Vec<String>, CodecError> {
+    Ok(event_branches(schema)?.iter().map(|(name, _)| name.clone()).collect())
+}
+
+fn event_branches(schema: &Schema) -> Result<Vec<(String, &Schema)>, CodecError> {
+    let shape = |reason: &str| CodecError::Shape(reason.to_owned());
+    let Schema::Record(record) = schema else { return Err(shape("a commit schema is a record")) };
+    let field = record.fields.iter().find(|field| field.name == "events").ok_or_else(|| shape("no `events`"))?;
+    let Schema::Array(array) = &field.schema else { return Err(shape("`events` is an array")) };
+    let Schema::Union(union) = array.items.as_ref() else { return Err(shape("`events` items are a union")) };
+    union
+        .variants()
+        .iter()
+        .map(|variant| match variant {
+            Schema::Record(record) => Ok((record.name.to_string(), variant)),
+            _ => Err(shape("every event is a record")),
+        })
+        .collect()
+}
+
+/// The reader schema of a topic, parsed once.
+pub fn reader_schema(topic: Topic) -> &'static Schema {
+    static SCHEMAS: OnceLock<HashMap<Topic, Schema>> = OnceLock::new();
+    let schemas = SCHEMAS.get_or_init(|| {
+        Topic::ALL
+            .iter()
+            .map(|topic| {
+                let schema = Schema::parse_str(topic.spec().value_schema)
+                    .expect("catalogue schemas parse (checked by a unit test)");
+                (*topic, schema)
+            })
+            .collect()
+    });
+    &schemas[&topic]
+}
+
+/// Event record schemas of a topic's reader schema by full name.
+fn reader_branches(topic: Topic) -> HashMap<String, &'static Schema> {
+    event_branches(reader_schema(topic)).expect("catalogue schemas are commit schemas").into_iter().collect()
+}
+
+/// Index of an event record in a topic's reader union, for encoding.
+pub fn branch_index(topic: Topic, type_name: &str) -> u32 {
+    event_branches(reader_schema(topic))
+        .expect("catalogue schemas are commit schemas")
+        .iter()
+        .position(|(name, _)| name == type_name)
+        .unwrap_or_else(|| panic!("`{type_name}` is a branch of the {topic} schema")) as u32
+}
+
+/// Builds a commit value from encoded event records (`(full name, record)`).
+pub fn commit_value(topic: Topic, events: Vec<(&str, Value)>) -> Value {
+    let items = events
+        .into_iter()
+        .map(|(type_name, record)| Value::Union(branch_index(topic, type_name), Box::new(record)))
+        .collect();
+    Value::Record(vec![("events".to_owned(), Value::Array(items))])
+}
+
+/// Reads a field of a resolved record.
+pub fn field<'a>(record: &'a Value, name: &str) -> Result<&'a Value, CodecError> {
+    match record {
+        Value::Record(fields) => fields
+            .iter()
+            .find(|(field, _)| field == name)
+            .map(|(_, value)| value)
+            .ok_or_else(|| CodecError::Shape(format!("missing field `{name}`"))),
+        _ => Err(CodecError::Shape("expected a record".into())),
+    }
+}
+
+pub fn string_field<'a>(record: &'a Value, name: &str) -> Result<&'a str, CodecError> {
+    match field(record, name)? {
+        Value::String(value) => Ok(value),
+        _ => Err(CodecError::Shape(format!("field `{name}` is a string"))),
+    }
+}
+
+pub fn uuid_field(record: &Value, name: &str) -> Result<uuid::Uuid, CodecError> {
+    match field(record, name)? {
+        Value::Uuid(value) => Ok(*value),
+        Value::String(value) => value.parse().map_err(|_| CodecError::Shape(format!("field `{name}` is a uuid"))),
+        _ => Err(CodecError::Shape(format!("field `{name}` is a uuid"))),
+    }
+}
