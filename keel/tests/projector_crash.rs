@@ -6,7 +6,6 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use futures::{StreamExt, stream};
-use serde_json::json;
 use sqlx::PgPool;
 use support::{Platform, Role, eventually};
 
@@ -33,9 +32,8 @@ async fn a_killed_projector_loses_and_doubles_nothing() {
                     let client = client.clone();
                     let url = url.clone();
                     async move {
-                        let body = json!({"email": format!("user{index}@example.com"), "display_name": format!("User {index}")});
-                        let response = client.post(url.as_str()).json(&body).send().await.unwrap();
-                        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+                        let (email, name) = (format!("user{index}@example.com"), format!("User {index}"));
+                        support::register_retrying(&client, &url, &email, &name).await;
                     }
                 })
                 .buffer_unordered(CONCURRENCY)

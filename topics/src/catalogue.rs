@@ -32,6 +32,18 @@ const CATALOGUE: &[TopicSpec] = &[TopicSpec {
     value_schema: include_str!("../schemas/identity.users-value.avsc"),
 }];
 
+/// A topic Keel writes that is not an aggregate's event log.
+#[derive(Debug, Clone, Copy)]
+pub struct AuxiliaryTopic {
+    pub base_name: &'static str,
+    pub partitions: i32,
+    pub configs: &'static [(&'static str, &'static str)],
+}
+
+/// Records projections could not apply, with the error and the original position in headers.
+pub const DEAD_LETTERS: AuxiliaryTopic =
+    AuxiliaryTopic { base_name: "keel.dead-letters", partitions: 1, configs: EVENT_LOG_CONFIGS };
+
 impl Topic {
     pub const ALL: &'static [Topic] = &[Topic::IdentityUsers];
 
@@ -65,6 +77,11 @@ impl TopicNames {
     pub fn parse(&self, name: &str) -> Option<Topic> {
         let base = name.strip_prefix(&self.prefix)?;
         Topic::ALL.iter().copied().find(|topic| topic.spec().base_name == base)
+    }
+
+    /// The full name of an auxiliary topic.
+    pub fn auxiliary(&self, topic: &AuxiliaryTopic) -> String {
+        format!("{}{}", self.prefix, topic.base_name)
     }
 
     /// The Confluent subject of record values (TopicNameStrategy).

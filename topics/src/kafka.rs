@@ -13,7 +13,7 @@ use rdkafka::{
     producer::FutureProducer,
 };
 
-use crate::catalogue::{Topic, TopicNames};
+use crate::catalogue::{DEAD_LETTERS, Topic, TopicNames};
 
 /// Settings shared by every client: servers, security properties and credentials.
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
@@ -31,9 +31,13 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
 /// The producer of commits: idempotent (no duplicates or reordering on retries within a
 /// session), acknowledged by all in-sync replicas, batching for a few milliseconds, and
 /// partitioning keys the way Java clients do. No transactions: Keel must work without them.
+/// One request in flight per connection: with more, a retried batch can race the next one and
+/// the broker answers `OutOfOrderSequenceNumber`, which is fatal to an idempotent producer (seen
+/// on nisshi under load); batching by linger keeps the requests large instead.
 pub fn producer(config: &KafkaConfig) -> anyhow::Result<FutureProducer> {
     client_config(config)
         .set("enable.idempotence", "true")
+        .set("max.in.flight.requests.per.connection", "1")
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
@@ -55,6 +59,9 @@ pub fn consumer(config: &KafkaConfig, group_id: &str) -> anyhow::Result<BaseCons
         .context("failed to create a Kafka consumer")
 }
 
+/// Per-topic configs, as the catalogue declares them.
+type TopicConfigs = &'static [(&'static str, &'static str)];
+
 /// What `create_topics` did with one topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TopicCreation {
@@ -71,14 +78,15 @@ pub async fn create_topics(
 ) -> anyhow::Result<Vec<(String, TopicCreation)>> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(config).create().context("failed to create the Kafka admin client")?;
-    let topic_names: Vec<String> = Topic::ALL.iter().map(|topic| names.name(*topic)).collect();
-    let new_topics: Vec<NewTopic> = Topic::ALL
+    // Event topics, then the auxiliary ones.
+    let mut wanted: Vec<(String, i32, TopicConfigs)> =
+        Topic::ALL.iter().map(|topic| (names.name(*topic), topic.spec().partitions, topic.spec().configs)).collect();
+    wanted.push((names.auxiliary(&DEAD_LETTERS), DEAD_LETTERS.partitions, DEAD_LETTERS.configs));
+    let new_topics: Vec<NewTopic> = wanted
         .iter()
-        .zip(&topic_names)
-        .map(|(topic, name)| {
-            let spec = topic.spec();
-            spec.configs.iter().fold(
-                NewTopic::new(name, spec.partitions, TopicReplication::Fixed(replication_factor)),
+        .map(|(name, partitions, configs)| {
+            configs.iter().fold(
+                NewTopic::new(name, *partitions, TopicReplication::Fixed(replication_factor)),
                 |new_topic, (key, value)| new_topic.set(key, value),
             )
         })
@@ -94,10 +102,10 @@ pub async fn create_topics(
         }
     }
     let metadata_client: BaseConsumer = client_config(config).create()?;
-    for (topic, name) in Topic::ALL.iter().zip(&topic_names) {
+    for (name, expected, _) in &wanted {
         let partitions = partition_count(&metadata_client, name, Duration::from_secs(10)).await?;
-        if partitions != topic.spec().partitions as usize {
-            bail!("topic {name} has {partitions} partitions, the catalogue says {}", topic.spec().partitions);
+        if partitions != *expected as usize {
+            bail!("topic {name} has {partitions} partitions, the catalogue says {expected}");
         }
     }
     Ok(outcome)

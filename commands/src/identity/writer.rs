@@ -18,11 +18,11 @@ use keel_domain::{
 };
 use keel_runtime::KafkaConfig;
 use keel_topics::{
-    CommitHeader, EventMeta, Position, SchemaRegistryCodec, Topic, identity as wire, reader::PartitionReader,
+    CommitHeader, EventMeta, Position, SchemaRegistryCodec, Topic, identity as wire, kafka, reader::PartitionReader,
 };
 use rdkafka::{
     message::Message,
-    producer::{FutureProducer, FutureRecord},
+    producer::{FutureProducer, FutureRecord, Producer},
 };
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -176,7 +176,11 @@ impl Writer {
             }
         }
         let appends = decided.into_iter().map(|pending| self.append(pending));
-        for (pending, outcome) in join_all(appends).await {
+        let outcomes = join_all(appends).await;
+        if outcomes.iter().any(|(_, outcome)| outcome.is_err()) {
+            self.replace_producer_if_fatal();
+        }
+        for (pending, outcome) in outcomes {
             match outcome {
                 Ok((partition, offset)) => {
                     self.state.apply(partition, offset, &pending.header, &pending.events);
@@ -195,6 +199,19 @@ impl Writer {
             }
         }
         postponed
+    }
+
+    /// An idempotent producer that hit a fatal error (e.g. `OutOfOrderSequenceNumber`) refuses
+    /// every later record: replace it. The state is re-read from the log before the next batch.
+    fn replace_producer_if_fatal(&mut self) {
+        let Some((code, reason)) = self.producer.client().fatal_error() else { return };
+        tracing::error!(code = ?code, reason = %reason, "the producer failed fatally; replacing it");
+        metrics::counter!("keel_producer_replacements_total", "service" => "identity").increment(1);
+        match kafka::producer(&self.kafka) {
+            Ok(producer) => self.producer = producer,
+            Err(error) => tracing::error!(error = %format!("{error:#}"), "failed to create a new producer"),
+        }
+        self.in_sync.store(false, Ordering::Release);
     }
 
     async fn append(&self, pending: Pending) -> (Pending, Result<(i32, i64), CommandError>) {

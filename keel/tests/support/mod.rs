@@ -93,10 +93,15 @@ impl Broker {
         }
     }
 
-    /// Sum of the high watermarks of a topic: how many records were ever appended to it.
+    /// Sum of the high watermarks of an event topic: how many records were ever appended to it.
     pub fn record_count(&self, topic: &str) -> i64 {
+        self.record_count_in(topic, TOPIC_PARTITIONS)
+    }
+
+    /// Sum of the high watermarks of a topic with `partitions` partitions.
+    pub fn record_count_in(&self, topic: &str, partitions: i32) -> i64 {
         let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
-        (0..TOPIC_PARTITIONS)
+        (0..partitions)
             .map(|partition| client.fetch_watermarks(topic, partition, Duration::from_secs(5)).unwrap().1)
             .sum()
     }
@@ -308,6 +313,32 @@ impl Platform {
         }
     }
 
+    /// Runs `keel ARGS` to completion, asserting success; returns its stdout.
+    pub fn keel_ok(&self, args: &[&str]) -> String {
+        let output = self.keel(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "keel {args:?} exited with {}:\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Registers a user through the gateway; its id.
+    pub async fn register(&self, client: &reqwest::Client, email: &str, display_name: &str) -> String {
+        let response = client
+            .post(format!("{}/v1/users", self.gateway_url))
+            .json(&serde_json::json!({"email": email, "display_name": display_name}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    }
+
     pub fn admin_url(&self, role: Role) -> &str {
         &self.admin_urls[&role]
     }
@@ -330,6 +361,39 @@ impl Drop for Platform {
             let _ = running.child.wait();
         }
     }
+}
+
+/// Registers a user the way a careful client does without idempotency keys: a `503` means the
+/// outcome is unknown, so it retries; a `409` after a `503` means the first attempt landed.
+pub async fn register_retrying(client: &reqwest::Client, url: &str, email: &str, display_name: &str) {
+    let body = serde_json::json!({"email": email, "display_name": display_name});
+    let mut unknown_outcome = false;
+    for _ in 0..100 {
+        let response = client.post(url).json(&body).send().await.unwrap();
+        match response.status().as_u16() {
+            201 => return,
+            409 if unknown_outcome => return,
+            503 | 504 => {
+                unknown_outcome = true;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("registering {email}: {other} {}", response.text().await.unwrap()),
+        }
+    }
+    panic!("registering {email}: still unavailable after 100 attempts");
+}
+
+/// A checksum of a users table (or view): equal checksums, equal rows.
+pub async fn users_checksum(pool: &PgPool, table: &str) -> (i64, String) {
+    let statement = format!(
+        "SELECT count(*), md5(coalesce(string_agg(id::text || '|' || email || '|' || display_name || '|' || version, ',' ORDER BY id), ''))
+         FROM {table}"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(statement)).fetch_one(pool).await.unwrap()
+}
+
+pub async fn count(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(pool).await.unwrap()
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
