@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod observe;
 pub mod problem;
 mod users;
@@ -92,6 +93,7 @@ pub fn router(state: AppState, health: Health, max_body_bytes: usize) -> Router 
     let api = Router::new()
         .route("/v1/users", axum::routing::post(users::register))
         .route("/v1/users/{id}", get(users::get))
+        .route("/v1/audit", get(audit::list))
         .with_state(state)
         .layer(DefaultBodyLimit::max(max_body_bytes));
     Router::new()

@@ -2,7 +2,10 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod config;
+mod projections_cli;
+mod replay;
 mod roles;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -49,6 +52,12 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Print the stored records of a topic, decoded (sensitive fields redacted by default).
+    Replay(replay::ReplayArgs),
+    /// Projections: status, rebuilds, dead letters.
+    Projections(projections_cli::ProjectionsArgs),
+    /// Benchmarks that print figures (run against the configured broker and database).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,7 +91,11 @@ fn main() -> ExitCode {
         eprintln!("keel: {error}");
         return ExitCode::from(2);
     }
-    keel_runtime::telemetry::init(&config.log);
+    // `keel replay` prints records on stdout, where log lines would mix with them; it reports
+    // on stderr itself.
+    if !matches!(cli.command, Command::Replay(_)) {
+        keel_runtime::telemetry::init(&config.log);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

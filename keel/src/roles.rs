@@ -21,7 +21,7 @@ enum Role {
     Gateway,
 }
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCode> {
     match command {
@@ -60,6 +60,9 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
                 }
             }
         }
+        Command::Replay(args) => return crate::replay::run(args, &config).await,
+        Command::Projections(args) => return crate::projections_cli::run(args, &config).await,
+        Command::Bench(args) => return crate::bench::run(args, &config).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -116,15 +119,13 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
             Role::Projector => {
                 let pool = database(config, "projector").await?;
                 let admin = bind(&config.projector.admin_listen, "projector admin").await?;
-                keel_projections::start(
-                    &config.projector,
-                    &config.kafka,
+                let projector = keel_projections::Projector::new(
+                    config.projector.clone(),
+                    config.kafka.clone(),
                     &config.schema_registry.url,
                     pool,
-                    &mut lifecycle,
-                    admin,
-                )
-                .await?;
+                )?;
+                keel_projections::start(projector, &mut lifecycle, admin).await?;
             }
             Role::Gateway => {
                 let pool = database(config, "gateway").await?;

@@ -11,9 +11,53 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool, QueryBuilder, Row};
 use uuid::Uuid;
 
-use crate::{Commit, Projection};
+use crate::{Commit, Projection, TableSpec, Tables};
 
 pub struct AuditProjection;
+
+const TABLES: &[TableSpec] = &[
+    TableSpec {
+        name: "audit_log",
+        ddl: "CREATE TABLE {table} (
+                  topic             text        NOT NULL,
+                  partition         integer     NOT NULL,
+                  \"offset\"          bigint      NOT NULL,
+                  event_index       integer     NOT NULL,
+                  sequence          bigint      NOT NULL,
+                  event_id          uuid        NOT NULL,
+                  event_type        text        NOT NULL,
+                  schema_version    integer     NOT NULL,
+                  aggregate_id      uuid        NOT NULL,
+                  aggregate_version bigint      NOT NULL,
+                  command_id        uuid        NOT NULL,
+                  actor             text        NOT NULL,
+                  occurred_at       timestamptz NOT NULL,
+                  correlation_id    uuid        NOT NULL,
+                  trace_id          text,
+                  payload           jsonb       NOT NULL,
+                  prev_hash         bytea       NOT NULL,
+                  hash              bytea       NOT NULL,
+                  PRIMARY KEY (topic, partition, \"offset\", event_index),
+                  UNIQUE (topic, partition, sequence)
+              );
+              CREATE INDEX {table}_aggregate ON {table} (aggregate_id, occurred_at);
+              CREATE INDEX {table}_actor ON {table} (actor, occurred_at);
+              CREATE INDEX {table}_occurred_at ON {table} (occurred_at);",
+        view: true,
+    },
+    // The last link of each chain, so appending needs no scan.
+    TableSpec {
+        name: "audit_chain_heads",
+        ddl: "CREATE TABLE {table} (
+                  topic     text    NOT NULL,
+                  partition integer NOT NULL,
+                  sequence  bigint  NOT NULL,
+                  hash      bytea   NOT NULL,
+                  PRIMARY KEY (topic, partition)
+              );",
+        view: false,
+    },
+];
 
 /// The hash a chain starts from.
 const GENESIS: [u8; 32] = [0; 32];
@@ -97,32 +141,45 @@ impl Projection for AuditProjection {
         "audit"
     }
 
+    fn code_version(&self) -> i32 {
+        1
+    }
+
     fn topics(&self) -> &'static [Topic] {
         Topic::ALL
     }
 
-    async fn apply(&self, connection: &mut PgConnection, commits: &[Commit]) -> anyhow::Result<()> {
-        let Some(first) = commits.first() else { return Ok(()) };
-        let topic = first.topic_name.clone();
+    fn tables(&self) -> &'static [TableSpec] {
+        TABLES
+    }
+
+    async fn apply(&self, connection: &mut PgConnection, tables: Tables, commits: &[Commit]) -> anyhow::Result<()> {
+        if commits.is_empty() {
+            return Ok(());
+        }
+        let heads_table = tables.name("audit_chain_heads");
+        let topics: Vec<&str> = commits.iter().map(|commit| commit.topic_name.as_str()).collect();
         let partitions: Vec<i32> = commits.iter().map(|commit| commit.partition).collect();
-        let head_rows = sqlx::query(
-            "SELECT partition, sequence, hash FROM audit_chain_heads WHERE topic = $1 AND partition = ANY($2)",
-        )
-        .bind(&topic)
+        let head_rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT h.topic, h.partition, h.sequence, h.hash FROM {heads_table} h
+             JOIN UNNEST($1::text[], $2::int[]) AS k(topic, partition) ON h.topic = k.topic AND h.partition = k.partition"
+        )))
+        .bind(&topics)
         .bind(&partitions)
         .fetch_all(&mut *connection)
         .await
         .context("failed to load audit chain heads")?;
-        let mut heads: HashMap<i32, (i64, Vec<u8>)> =
-            head_rows.iter().map(|row| (row.get(0), (row.get(1), row.get(2)))).collect();
+        let mut heads: HashMap<(String, i32), (i64, Vec<u8>)> =
+            head_rows.iter().map(|row| ((row.get(0), row.get(1)), (row.get(2), row.get(3)))).collect();
 
         let mut entries = Vec::new();
         for commit in commits {
             let header = &commit.header;
+            let chain = (commit.topic_name.clone(), commit.partition);
             for (index, (meta, event)) in header.events.iter().zip(&commit.decoded.events).enumerate() {
-                let (sequence, prev_hash) = heads.get(&commit.partition).cloned().unwrap_or((0, GENESIS.to_vec()));
+                let (sequence, prev_hash) = heads.get(&chain).cloned().unwrap_or((0, GENESIS.to_vec()));
                 let entry = AuditEntry {
-                    topic: topic.clone(),
+                    topic: commit.topic_name.clone(),
                     partition: commit.partition,
                     offset: commit.offset,
                     event_index: index as i32,
@@ -140,19 +197,27 @@ impl Projection for AuditProjection {
                     payload: avro_json::redacted(event),
                 };
                 let hash = entry.hash(&prev_hash);
-                heads.insert(commit.partition, (entry.sequence, hash.clone()));
+                heads.insert(chain.clone(), (entry.sequence, hash.clone()));
                 entries.push((entry, prev_hash, hash));
             }
         }
-        insert_entries(connection, &entries).await?;
-        let (head_partitions, rest): (Vec<i32>, Vec<(i64, Vec<u8>)>) = heads.into_iter().unzip();
-        let (sequences, hashes): (Vec<i64>, Vec<Vec<u8>>) = rest.into_iter().unzip();
-        sqlx::query(
-            "INSERT INTO audit_chain_heads (topic, partition, sequence, hash)
-             SELECT $1, partition, sequence, hash FROM UNNEST($2::int[], $3::bigint[], $4::bytea[]) AS input(partition, sequence, hash)
-             ON CONFLICT (topic, partition) DO UPDATE SET sequence = excluded.sequence, hash = excluded.hash",
-        )
-        .bind(&topic)
+        insert_entries(connection, &tables.name("audit_log"), &entries).await?;
+        let mut head_topics = Vec::new();
+        let mut head_partitions = Vec::new();
+        let mut sequences = Vec::new();
+        let mut hashes = Vec::new();
+        for ((topic, partition), (sequence, hash)) in heads {
+            head_topics.push(topic);
+            head_partitions.push(partition);
+            sequences.push(sequence);
+            hashes.push(hash);
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {heads_table} (topic, partition, sequence, hash)
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bytea[])
+             ON CONFLICT (topic, partition) DO UPDATE SET sequence = excluded.sequence, hash = excluded.hash"
+        )))
+        .bind(&head_topics)
         .bind(&head_partitions)
         .bind(&sequences)
         .bind(&hashes)
@@ -165,15 +230,16 @@ impl Projection for AuditProjection {
 
 async fn insert_entries(
     connection: &mut PgConnection,
+    table: &str,
     entries: &[(AuditEntry, Vec<u8>, Vec<u8>)],
 ) -> anyhow::Result<()> {
     // 18 parameters per row; stay far below PostgreSQL's 65,535.
     for chunk in entries.chunks(1000) {
-        let mut query = QueryBuilder::new(
-            "INSERT INTO audit_log (topic, partition, \"offset\", event_index, sequence, event_id, event_type,
+        let mut query = QueryBuilder::new(format!(
+            "INSERT INTO {table} (topic, partition, \"offset\", event_index, sequence, event_id, event_type,
              schema_version, aggregate_id, aggregate_version, command_id, actor, occurred_at, correlation_id,
-             trace_id, payload, prev_hash, hash) ",
-        );
+             trace_id, payload, prev_hash, hash) "
+        ));
         query.push_values(chunk, |mut row, (entry, prev_hash, hash)| {
             row.push_bind(&entry.topic)
                 .push_bind(entry.partition)

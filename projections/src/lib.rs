@@ -1,44 +1,85 @@
 //! Projection workers. Each projection consumes its topics, skips invalid commits by the shared
 //! validation rule, and applies a batch of commits together with its checkpoints and validation
 //! state in one PostgreSQL transaction: a crash at any point neither loses nor doubles an event.
+//! Projections are versioned: a rebuild fills a new version's shadow tables while the live one
+//! serves, then takes over in one transaction.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod dead_letters;
+mod projection;
+pub mod rebuild;
 mod runner;
+pub mod status;
+mod store;
 pub mod users;
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use anyhow::Context;
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use keel_runtime::{Health, KafkaConfig, Lifecycle, ReadinessCheck, postgres::DatabaseCheck};
 use keel_topics::{SchemaRegistryCodec, TopicNames, kafka::BrokerCheck};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
-pub use runner::{Commit, Projection, Runner};
+pub use projection::{Commit, Projection, TableSpec, Tables};
+pub use runner::{Exit, PoisonPolicy, Runner, RunnerSettings};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorConfig {
-    /// Health and metrics.
+    /// Health, metrics and `/admin/projections`.
     pub admin_listen: String,
     /// Most records applied in one transaction.
     pub batch_size: usize,
     /// How long a batch waits to fill before it is applied.
     pub batch_timeout_ms: u64,
+    /// What a projection does with a record it cannot apply: `skip` (dead-letter it and go on)
+    /// or `stop` (dead-letter it and stop until `keel projections resume`).
+    pub on_poison: PoisonPolicy,
+    /// Per-projection overrides of `on_poison`, by projection name.
+    pub on_poison_overrides: BTreeMap<String, PoisonPolicy>,
+    /// How long a replaced version's tables are kept after a rebuild swapped it out.
+    pub retired_grace_secs: u64,
 }
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
-        Self { admin_listen: "127.0.0.1:9102".into(), batch_size: 500, batch_timeout_ms: 50 }
+        Self {
+            admin_listen: "127.0.0.1:9102".into(),
+            batch_size: 500,
+            batch_timeout_ms: 50,
+            on_poison: PoisonPolicy::Skip,
+            on_poison_overrides: BTreeMap::new(),
+            retired_grace_secs: 3600,
+        }
     }
 }
 
 impl ProjectorConfig {
     pub fn validate(&self) -> Result<(), keel_runtime::ConfigError> {
         keel_runtime::config::ensure(self.batch_size > 0, "projector.batch_size", "must be positive")?;
-        keel_runtime::config::ensure(self.batch_timeout_ms > 0, "projector.batch_timeout_ms", "must be positive")
+        keel_runtime::config::ensure(self.batch_timeout_ms > 0, "projector.batch_timeout_ms", "must be positive")?;
+        for name in self.on_poison_overrides.keys() {
+            keel_runtime::config::ensure(
+                projection(name).is_some(),
+                "projector.on_poison_overrides",
+                "names a projection this build does not have",
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self, projection: &str) -> RunnerSettings {
+        RunnerSettings {
+            batch_size: self.batch_size,
+            batch_timeout: Duration::from_millis(self.batch_timeout_ms),
+            poison: self.on_poison_overrides.get(projection).copied().unwrap_or(self.on_poison),
+        }
     }
 }
 
@@ -47,39 +88,130 @@ pub fn all_projections() -> Vec<Arc<dyn Projection>> {
     vec![Arc::new(users::UsersProjection), Arc::new(audit::AuditProjection)]
 }
 
-/// Starts a runner for every projection and topic, plus the admin endpoints.
-pub async fn start(
-    config: &ProjectorConfig,
-    kafka: &KafkaConfig,
-    registry_url: &str,
-    pool: PgPool,
-    lifecycle: &mut Lifecycle,
-    admin_listener: TcpListener,
-) -> anyhow::Result<()> {
-    let checks: Vec<Arc<dyn ReadinessCheck>> =
-        vec![Arc::new(DatabaseCheck(pool.clone())), Arc::new(BrokerCheck::new(kafka)?)];
-    lifecycle.serve_http(
-        "projector-admin",
-        admin_listener,
-        keel_runtime::admin::router(Health::new(checks, lifecycle.token())),
-    );
-    let names = TopicNames::new(kafka.topic_prefix.clone());
-    let codec = SchemaRegistryCodec::new(registry_url, names.clone())?;
-    for projection in all_projections() {
-        for topic in projection.topics() {
-            let runner = Runner {
-                projection: projection.clone(),
-                topic: *topic,
-                topic_name: names.name(*topic),
-                pool: pool.clone(),
-                codec: codec.clone(),
-                kafka: kafka.clone(),
-                batch_size: config.batch_size,
-                batch_timeout: std::time::Duration::from_millis(config.batch_timeout_ms),
-            };
-            let token = lifecycle.token();
-            lifecycle.spawn(format!("projection {}/{}", projection.name(), topic), runner.run(token));
+/// A projection by name.
+pub fn projection(name: &str) -> Option<Arc<dyn Projection>> {
+    all_projections().into_iter().find(|projection| projection.name() == name)
+}
+
+/// What the projector's tasks share.
+#[derive(Clone)]
+pub struct Projector {
+    pub config: ProjectorConfig,
+    pub kafka: KafkaConfig,
+    pub names: TopicNames,
+    pub pool: PgPool,
+    pub codec: SchemaRegistryCodec,
+    pub dead_letters: dead_letters::DeadLetters,
+}
+
+impl Projector {
+    pub fn new(config: ProjectorConfig, kafka: KafkaConfig, registry_url: &str, pool: PgPool) -> anyhow::Result<Self> {
+        let names = TopicNames::new(kafka.topic_prefix.clone());
+        let codec = SchemaRegistryCodec::new(registry_url, names.clone())?;
+        let dead_letters = dead_letters::DeadLetters::new(&kafka, &names)?;
+        Ok(Self { config, kafka, names, pool, codec, dead_letters })
+    }
+
+    /// A runner for one version of a projection.
+    pub fn runner(&self, projection: Arc<dyn Projection>, version: i32) -> Runner {
+        Runner {
+            settings: self.config.settings(projection.name()),
+            projection,
+            version,
+            names: self.names.clone(),
+            pool: self.pool.clone(),
+            codec: self.codec.clone(),
+            kafka: self.kafka.clone(),
+            dead_letters: self.dead_letters.clone(),
         }
     }
+
+    /// Runs the live version of `projection`, following it across rebuild swaps, until shutdown.
+    async fn supervise(self, projection: Arc<dyn Projection>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let name = projection.name();
+        store::ensure_registered(&self.pool, projection.as_ref()).await?;
+        let mut backoff = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            let live = store::live_version(&mut *self.pool.acquire().await?, name, false)
+                .await?
+                .context("a registered projection has a live version")?;
+            let runner = self.runner(projection.clone(), live);
+            match runner.run_live(&shutdown).await {
+                Ok(Exit::Shutdown) => break,
+                Ok(Exit::Superseded) => {
+                    tracing::info!(projection = name, previous = live, "a new version is live; following it");
+                    backoff = Duration::from_millis(200);
+                }
+                Ok(Exit::Stopped) => {
+                    // Wait for `keel projections resume`.
+                    while store::is_stopped(&self.pool, name, live).await? {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Ok(()),
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(projection = name, error = %format!("{error:#}"), "projection worker failed; restarting");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts a supervisor per projection, the janitor of retired versions, and the admin endpoints.
+pub async fn start(projector: Projector, lifecycle: &mut Lifecycle, admin_listener: TcpListener) -> anyhow::Result<()> {
+    let checks: Vec<Arc<dyn ReadinessCheck>> =
+        vec![Arc::new(DatabaseCheck(projector.pool.clone())), Arc::new(BrokerCheck::new(&projector.kafka)?)];
+    let admin = keel_runtime::admin::router(Health::new(checks, lifecycle.token()))
+        .merge(Router::new().route("/admin/projections", get(admin_projections)).with_state(projector.clone()));
+    lifecycle.serve_http("projector-admin", admin_listener, admin);
+    for projection in all_projections() {
+        let name = format!("projection {}", projection.name());
+        lifecycle.spawn(name, projector.clone().supervise(projection, lifecycle.token()));
+    }
+    let janitor = projector.clone();
+    let token = lifecycle.token();
+    lifecycle.spawn("projection janitor", async move {
+        let projections = all_projections();
+        loop {
+            if let Err(error) = rebuild::drop_expired(&janitor.pool, &projections).await {
+                tracing::warn!(error = %format!("{error:#}"), "failed to drop retired projection versions");
+            }
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+        }
+    });
     Ok(())
+}
+
+async fn admin_projections(State(projector): State<Projector>) -> axum::response::Response {
+    match status::report(&projector.pool, &projector.kafka, &projector.names, &all_projections()).await {
+        Ok(report) => Json(report).into_response(),
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "failed to report projection status");
+            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "status unavailable"}))).into_response()
+        }
+    }
+}
+
+/// Clears the stopped flag of a projection's live version (after fixing what stopped it).
+pub async fn resume(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE projection_versions SET stopped = false
+         WHERE name = $1 AND version = (SELECT live_version FROM projections WHERE name = $1) AND stopped",
+    )
+    .bind(name)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(updated > 0)
 }

@@ -9,9 +9,24 @@ use keel_topics::{Topic, identity};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{Commit, Projection};
+use crate::{Commit, Projection, TableSpec, Tables};
 
 pub struct UsersProjection;
+
+const TABLES: &[TableSpec] = &[TableSpec {
+    name: "users",
+    ddl: "CREATE TABLE {table} (
+              id            uuid        PRIMARY KEY,
+              email         text        NOT NULL,
+              display_name  text        NOT NULL,
+              version       bigint      NOT NULL,
+              registered_at timestamptz NOT NULL,
+              updated_at    timestamptz NOT NULL
+          );
+          -- Not unique: uniqueness is decided by the identity service; the read model mirrors the log.
+          CREATE INDEX {table}_email ON {table} (email);",
+    view: true,
+}];
 
 /// A user row as a batch leaves it.
 struct Row {
@@ -28,11 +43,19 @@ impl Projection for UsersProjection {
         "users"
     }
 
+    fn code_version(&self) -> i32 {
+        1
+    }
+
     fn topics(&self) -> &'static [Topic] {
         &[Topic::IdentityUsers]
     }
 
-    async fn apply(&self, connection: &mut PgConnection, commits: &[Commit]) -> anyhow::Result<()> {
+    fn tables(&self) -> &'static [TableSpec] {
+        TABLES
+    }
+
+    async fn apply(&self, connection: &mut PgConnection, tables: Tables, commits: &[Commit]) -> anyhow::Result<()> {
         // Fold the batch per user first: one upsert per user, however many of its commits the
         // batch holds.
         let mut rows: HashMap<Uuid, Row> = HashMap::new();
@@ -67,25 +90,27 @@ impl Projection for UsersProjection {
         let versions: Vec<i64> = ids.iter().map(|id| rows[id].version).collect();
         let registered: Vec<DateTime<Utc>> = ids.iter().map(|id| rows[id].registered_at).collect();
         let updated: Vec<DateTime<Utc>> = ids.iter().map(|id| rows[id].updated_at).collect();
-        sqlx::query(
-            "INSERT INTO users (id, email, display_name, version, registered_at, updated_at)
+        let statement = format!(
+            "INSERT INTO {table} AS existing (id, email, display_name, version, registered_at, updated_at)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[], $6::timestamptz[])
              ON CONFLICT (id) DO UPDATE SET
                  email = excluded.email,
                  display_name = excluded.display_name,
                  version = excluded.version,
                  updated_at = excluded.updated_at
-             WHERE users.version < excluded.version",
-        )
-        .bind(&ids)
-        .bind(&emails)
-        .bind(&names)
-        .bind(&versions)
-        .bind(&registered)
-        .bind(&updated)
-        .execute(&mut *connection)
-        .await
-        .context("failed to upsert users")?;
+             WHERE existing.version < excluded.version",
+            table = tables.name("users"),
+        );
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(&ids)
+            .bind(&emails)
+            .bind(&names)
+            .bind(&versions)
+            .bind(&registered)
+            .bind(&updated)
+            .execute(&mut *connection)
+            .await
+            .context("failed to upsert users")?;
         Ok(())
     }
 }

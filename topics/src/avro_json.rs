@@ -12,33 +12,49 @@ const SENSITIVE: &str = "keel.sensitive";
 
 /// An event's fields as JSON, sensitive fields replaced by [`REDACTED`].
 pub fn redacted(event: &DecodedEvent) -> Json {
-    to_json(&event.record, Some(event.schema))
+    to_json(&event.record, Some(event.schema), Redaction::Sensitive)
 }
 
-fn to_json(value: &Value, schema: Option<&Schema>) -> Json {
+/// An event's fields as JSON, sensitive fields included: only for an operator who asked for
+/// them explicitly (`keel replay --show-sensitive`).
+pub fn unredacted(event: &DecodedEvent) -> Json {
+    to_json(&event.record, Some(event.schema), Redaction::None)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redaction {
+    Sensitive,
+    None,
+}
+
+fn to_json(value: &Value, schema: Option<&Schema>, redaction: Redaction) -> Json {
     match (value, schema) {
         (Value::Record(fields), Some(Schema::Record(record))) => {
             let mut object = Map::new();
             for (name, value) in fields {
                 let field = record.fields.iter().find(|field| &field.name == name);
-                let sensitive = field.is_some_and(|field| field.custom_attributes.get(SENSITIVE) == Some(&json!(true)));
-                let rendered =
-                    if sensitive { json!(REDACTED) } else { to_json(value, field.map(|field| &field.schema)) };
+                let sensitive = redaction == Redaction::Sensitive
+                    && field.is_some_and(|field| field.custom_attributes.get(SENSITIVE) == Some(&json!(true)));
+                let rendered = if sensitive {
+                    json!(REDACTED)
+                } else {
+                    to_json(value, field.map(|field| &field.schema), redaction)
+                };
                 object.insert(name.clone(), rendered);
             }
             Json::Object(object)
         }
         (Value::Record(fields), _) => {
-            Json::Object(fields.iter().map(|(name, value)| (name.clone(), to_json(value, None))).collect())
+            Json::Object(fields.iter().map(|(name, value)| (name.clone(), to_json(value, None, redaction))).collect())
         }
         (Value::Union(index, inner), Some(Schema::Union(union))) => {
-            to_json(inner, union.variants().get(*index as usize))
+            to_json(inner, union.variants().get(*index as usize), redaction)
         }
-        (Value::Union(_, inner), _) => to_json(inner, None),
+        (Value::Union(_, inner), _) => to_json(inner, None, redaction),
         (Value::Array(items), Some(Schema::Array(array))) => {
-            Json::Array(items.iter().map(|item| to_json(item, Some(&array.items))).collect())
+            Json::Array(items.iter().map(|item| to_json(item, Some(&array.items), redaction)).collect())
         }
-        (Value::Array(items), _) => Json::Array(items.iter().map(|item| to_json(item, None)).collect()),
+        (Value::Array(items), _) => Json::Array(items.iter().map(|item| to_json(item, None, redaction)).collect()),
         (Value::Bytes(bytes) | Value::Fixed(_, bytes), _) => json!(hex_string(bytes)),
         (Value::Uuid(uuid), _) => json!(uuid.to_string()),
         (Value::Enum(_, symbol), _) => json!(symbol),
@@ -76,6 +92,10 @@ mod tests {
         assert_eq!(
             redacted(&event),
             json!({"user_id": uuid::Uuid::nil().to_string(), "email": REDACTED, "display_name": REDACTED})
+        );
+        assert_eq!(
+            unredacted(&event),
+            json!({"user_id": uuid::Uuid::nil().to_string(), "email": "ada@example.com", "display_name": "Ada"})
         );
     }
 }

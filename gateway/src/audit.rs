@@ -1,0 +1,351 @@
+//! `GET /v1/audit`: the audit log, filtered, in a stable order, one page at a time.
+//!
+//! Entries come in `(occurred_at, topic, partition, offset, event_index)` order, which is total
+//! (the last four are the primary key), so keyset pagination never skips or repeats an entry,
+//! even while the projector appends. The cursor is the sort key of a page's last entry, as
+//! base64url JSON: opaque to clients, meaningful only to this route.
+
+use axum::{
+    Json,
+    extract::{Query, State, rejection::QueryRejection},
+};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::Value;
+use sqlx::{Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::{AppState, problem::Problem};
+
+const DEFAULT_LIMIT: i64 = 50;
+const MAX_LIMIT: i64 = 500;
+const PARAMETERS: &[&str] = &["actor", "aggregate", "event_type", "from", "to", "limit", "cursor"];
+
+/// The parsed query string.
+#[derive(Debug, Clone, PartialEq)]
+struct AuditQuery {
+    actor: Option<String>,
+    aggregate: Option<Uuid>,
+    event_type: Option<String>,
+    /// Inclusive, on `occurred_at`.
+    from: Option<DateTime<Utc>>,
+    /// Exclusive, on `occurred_at`.
+    to: Option<DateTime<Utc>>,
+    limit: i64,
+    /// Entries strictly after this one.
+    after: Option<SortKey>,
+}
+
+/// Where an entry is in the route's order; the cursor's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SortKey {
+    /// `occurred_at` in microseconds since the epoch: PostgreSQL's precision, so exact.
+    occurred_at_us: i64,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    event_index: i32,
+}
+
+/// One audit entry as served.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct AuditItem {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    event_index: i32,
+    sequence: i64,
+    event_id: Uuid,
+    event_type: String,
+    schema_version: i32,
+    aggregate_id: Uuid,
+    aggregate_version: i64,
+    command_id: Uuid,
+    actor: String,
+    #[serde(serialize_with = "rfc3339_micros")]
+    occurred_at: DateTime<Utc>,
+    correlation_id: Uuid,
+    trace_id: Option<String>,
+    /// Sensitive fields are redacted when the entry is written.
+    payload: Value,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct AuditPage {
+    items: Vec<AuditItem>,
+    /// Pass it as `cursor` for the next page; `null` on the last page.
+    next_cursor: Option<String>,
+}
+
+/// `GET /v1/audit?actor=&aggregate=&event_type=&from=&to=&limit=&cursor=`
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<AuditPage>, Problem> {
+    let Query(pairs) = query.map_err(|_| Problem::bad_request("the query string is malformed"))?;
+    let query = AuditQuery::parse(pairs)?;
+    let mut items = fetch(&state, &query).await.map_err(|error| {
+        tracing::error!(error = %error, "failed to read the audit log");
+        Problem::from_code(keel_proto::ErrorCode::Unavailable)
+    })?;
+    // One row more than a page tells whether another page follows.
+    let more = items.len() as i64 > query.limit;
+    items.truncate(query.limit as usize);
+    let next_cursor = match items.last() {
+        Some(last) if more => Some(encode_cursor(&SortKey::of(last))),
+        _ => None,
+    };
+    Ok(Json(AuditPage { items, next_cursor }))
+}
+
+impl AuditQuery {
+    /// Every parameter checked, each error naming its parameter. An empty value is no filter.
+    fn parse(pairs: Vec<(String, String)>) -> Result<Self, Problem> {
+        let mut query = Self {
+            actor: None,
+            aggregate: None,
+            event_type: None,
+            from: None,
+            to: None,
+            limit: DEFAULT_LIMIT,
+            after: None,
+        };
+        let mut seen = Vec::new();
+        for (name, value) in pairs {
+            if !PARAMETERS.contains(&name.as_str()) {
+                return Err(Problem::bad_request(format!(
+                    "unknown parameter `{name}`; known parameters: {}",
+                    PARAMETERS.join(", ")
+                )));
+            }
+            if seen.contains(&name) {
+                return Err(Problem::bad_request(format!("parameter `{name}` is given more than once")));
+            }
+            seen.push(name.clone());
+            if value.is_empty() {
+                continue;
+            }
+            match name.as_str() {
+                "actor" => query.actor = Some(value),
+                "event_type" => query.event_type = Some(value),
+                "aggregate" => {
+                    let id = Uuid::parse_str(&value)
+                        .map_err(|_| Problem::bad_request("parameter `aggregate` must be a UUID"))?;
+                    query.aggregate = Some(id);
+                }
+                "from" => query.from = Some(parse_time("from", &value)?),
+                "to" => query.to = Some(parse_time("to", &value)?),
+                "limit" => {
+                    query.limit =
+                        value.parse().ok().filter(|limit| (1..=MAX_LIMIT).contains(limit)).ok_or_else(|| {
+                            Problem::bad_request(format!("parameter `limit` must be an integer from 1 to {MAX_LIMIT}"))
+                        })?;
+                }
+                _cursor => query.after = Some(decode_cursor(&value)?),
+            }
+        }
+        if let (Some(from), Some(to)) = (query.from, query.to)
+            && from > to
+        {
+            return Err(Problem::bad_request("parameter `from` must not be after `to`"));
+        }
+        Ok(query)
+    }
+}
+
+/// An RFC 3339 time. A `+` of an offset that was not percent-encoded arrives as a space, which
+/// is put back.
+fn parse_time(name: &str, value: &str) -> Result<DateTime<Utc>, Problem> {
+    let repaired = value.rsplit_once(' ').map(|(time, offset)| format!("{time}+{offset}"));
+    std::iter::once(value.to_owned())
+        .chain(repaired)
+        .find_map(|text| DateTime::parse_from_rfc3339(&text).ok())
+        .map(|time| time.with_timezone(&Utc))
+        .ok_or_else(|| {
+            Problem::bad_request(format!("parameter `{name}` must be an RFC 3339 time such as 2026-11-25T10:00:00Z"))
+        })
+}
+
+/// The page, plus one entry if there is one. Every input is a bound parameter; each filter is
+/// a prefix of an index (`audit_log_actor`, `audit_log_aggregate`, `audit_log_occurred_at`)
+/// whose next column is the leading sort key, so a page is an index range scan.
+#[tracing::instrument(skip_all, fields(limit = query.limit))]
+async fn fetch(state: &AppState, query: &AuditQuery) -> Result<Vec<AuditItem>, sqlx::Error> {
+    let mut sql = QueryBuilder::<Postgres>::new(
+        "SELECT topic, partition, \"offset\", event_index, sequence, event_id, event_type, schema_version,
+                aggregate_id, aggregate_version, command_id, actor, occurred_at, correlation_id, trace_id, payload
+         FROM audit_log WHERE TRUE",
+    );
+    if let Some(actor) = &query.actor {
+        sql.push(" AND actor = ").push_bind(actor);
+    }
+    if let Some(aggregate) = query.aggregate {
+        sql.push(" AND aggregate_id = ").push_bind(aggregate);
+    }
+    if let Some(event_type) = &query.event_type {
+        sql.push(" AND event_type = ").push_bind(event_type);
+    }
+    if let Some(from) = query.from {
+        sql.push(" AND occurred_at >= ").push_bind(from);
+    }
+    if let Some(to) = query.to {
+        sql.push(" AND occurred_at < ").push_bind(to);
+    }
+    if let Some(after) = &query.after {
+        let occurred_at = after.occurred_at();
+        // The plain bound on the leading column lets the index start at the cursor; the row
+        // comparison then orders ties exactly.
+        sql.push(" AND occurred_at >= ").push_bind(occurred_at);
+        sql.push(" AND (occurred_at, topic, partition, \"offset\", event_index) > (");
+        sql.push_bind(occurred_at)
+            .push(", ")
+            .push_bind(&after.topic)
+            .push(", ")
+            .push_bind(after.partition)
+            .push(", ")
+            .push_bind(after.offset)
+            .push(", ")
+            .push_bind(after.event_index)
+            .push(")");
+    }
+    sql.push(" ORDER BY occurred_at, topic, partition, \"offset\", event_index LIMIT ").push_bind(query.limit + 1);
+    sql.build_query_as::<AuditItem>().fetch_all(&state.pool).await
+}
+
+impl SortKey {
+    fn of(item: &AuditItem) -> Self {
+        Self {
+            occurred_at_us: item.occurred_at.timestamp_micros(),
+            topic: item.topic.clone(),
+            partition: item.partition,
+            offset: item.offset,
+            event_index: item.event_index,
+        }
+    }
+
+    fn occurred_at(&self) -> DateTime<Utc> {
+        // Checked when the cursor was decoded.
+        DateTime::from_timestamp_micros(self.occurred_at_us).unwrap_or_default()
+    }
+}
+
+fn encode_cursor(key: &SortKey) -> String {
+    // A struct of strings and integers always serializes.
+    base64url::encode(serde_json::to_string(key).unwrap_or_default().as_bytes())
+}
+
+fn decode_cursor(text: &str) -> Result<SortKey, Problem> {
+    base64url::decode(text)
+        .and_then(|bytes| serde_json::from_slice::<SortKey>(&bytes).ok())
+        .filter(|key| DateTime::from_timestamp_micros(key.occurred_at_us).is_some())
+        .ok_or_else(|| Problem::bad_request("parameter `cursor` is not a cursor this route returned"))
+}
+
+fn rfc3339_micros<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&time.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+/// Unpadded base64url (RFC 4648 §5), for cursors.
+mod base64url {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+    pub(super) fn encode(bytes: &[u8]) -> String {
+        let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        for chunk in bytes.chunks(3) {
+            let bits =
+                chunk.iter().enumerate().fold(0u32, |bits, (index, byte)| bits | u32::from(*byte) << (16 - 8 * index));
+            for index in 0..=chunk.len() {
+                text.push(char::from(ALPHABET[(bits >> (18 - 6 * index) & 63) as usize]));
+            }
+        }
+        text
+    }
+
+    pub(super) fn decode(text: &str) -> Option<Vec<u8>> {
+        if text.len() % 4 == 1 {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(text.len() / 4 * 3 + 2);
+        for chunk in text.as_bytes().chunks(4) {
+            let mut bits = 0u32;
+            for (index, symbol) in chunk.iter().enumerate() {
+                let value = ALPHABET.iter().position(|candidate| candidate == symbol)? as u32;
+                bits |= value << (18 - 6 * index);
+            }
+            for index in 0..chunk.len() - 1 {
+                bytes.push((bits >> (16 - 8 * index)) as u8);
+            }
+        }
+        Some(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(query: &str) -> Result<AuditQuery, Problem> {
+        let pairs = query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| pair.split_once('=').map_or((pair.to_owned(), String::new()), |(k, v)| (k.into(), v.into())))
+            .collect();
+        AuditQuery::parse(pairs)
+    }
+
+    fn detail(result: Result<AuditQuery, Problem>) -> String {
+        let problem = result.unwrap_err();
+        assert_eq!(problem.status, 400);
+        problem.detail.unwrap()
+    }
+
+    #[test]
+    fn base64url_round_trips_every_length() {
+        for length in 0..20 {
+            let bytes: Vec<u8> = (0..length).map(|index| (index * 37 + 250) as u8).collect();
+            let text = base64url::encode(&bytes);
+            assert!(!text.contains(['+', '/', '=']), "{text}");
+            assert_eq!(base64url::decode(&text), Some(bytes));
+        }
+        assert_eq!(base64url::encode(b"hello?"), "aGVsbG8_");
+        assert_eq!(base64url::decode("a"), None);
+        assert_eq!(base64url::decode("a*=="), None);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let key = SortKey {
+            occurred_at_us: 1_764_000_000_123_456,
+            topic: "identity.users".into(),
+            partition: 3,
+            offset: 17,
+            event_index: 0,
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&key)).unwrap(), key);
+        for garbage in ["%%%", "bm90IGpzb24", &base64url::encode(br#"{"occurred_at_us":1}"#)] {
+            assert_eq!(decode_cursor(garbage).unwrap_err().status, 400, "{garbage}");
+        }
+    }
+
+    #[test]
+    fn parameters_are_parsed_and_errors_name_them() {
+        let query = parse("actor=anonymous&aggregate=0193a6c2-7f5e-7d43-9a1b-2c3d4e5f6a7b&from=2026-11-25T10:00:00Z&to=2026-11-25T11:00:00 01:00&limit=3&event_type=").unwrap();
+        assert_eq!(query.actor.as_deref(), Some("anonymous"));
+        assert!(query.aggregate.is_some());
+        assert_eq!(query.event_type, None);
+        assert_eq!(query.from, query.to, "a `+` decoded as a space is repaired");
+        assert_eq!(query.limit, 3);
+        assert_eq!(parse("").unwrap().limit, DEFAULT_LIMIT);
+
+        assert!(detail(parse("aggregate=nope")).contains("`aggregate`"));
+        assert!(detail(parse("from=yesterday")).contains("`from`"));
+        assert!(detail(parse("limit=0")).contains("`limit`"));
+        assert!(detail(parse("limit=501")).contains("`limit`"));
+        assert!(detail(parse("limit=ten")).contains("`limit`"));
+        assert!(detail(parse("cursor=%%")).contains("`cursor`"));
+        assert!(detail(parse("actor=a&actor=b")).contains("`actor`"));
+        assert!(detail(parse("agregate=x")).contains("`agregate`"));
+        assert!(detail(parse("from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z")).contains("`from`"));
+    }
+}

@@ -1,0 +1,268 @@
+//! Projections: zero-downtime rebuilds, dead letters, poison policies, crash safety at scale.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::{StreamExt, stream};
+use serde_json::Value;
+use support::{Platform, Role, count, eventually, users_checksum};
+
+async fn wait_for_users(pool: &sqlx::PgPool, expected: i64) {
+    eventually(Duration::from_secs(90), &format!("{expected} users projected"), || async {
+        (count(pool, "users").await >= expected).then_some(())
+    })
+    .await;
+}
+
+/// Makes the users table refuse the display name `Poison` (a handler failure the projection
+/// cannot get past), or lifts that again: the fix.
+async fn poison_display_names(pool: &sqlx::PgPool, refuse: bool) {
+    let statement = if refuse {
+        "ALTER TABLE users_v1 ADD CONSTRAINT no_poison CHECK (display_name <> 'Poison')"
+    } else {
+        "ALTER TABLE users_v1 DROP CONSTRAINT no_poison"
+    };
+    sqlx::query(statement).execute(pool).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_swaps_in_without_a_failed_query_while_commands_flow() {
+    let platform = Arc::new(Platform::start().await);
+    let pool = platform.database.pool().await;
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for index in 0..200 {
+        ids.push(platform.register(&client, &format!("before{index}@example.com"), "Before").await);
+    }
+    wait_for_users(&pool, 200).await;
+
+    // Writers keep registering and readers keep reading while the rebuild runs.
+    let running = Arc::new(AtomicBool::new(true));
+    let written = Arc::new(AtomicU64::new(0));
+    let failed_reads = Arc::new(AtomicU64::new(0));
+    let reads = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn({
+        let (platform, client, running, written) = (platform.clone(), client.clone(), running.clone(), written.clone());
+        async move {
+            let mut index = 0;
+            while running.load(Ordering::Relaxed) {
+                platform.register(&client, &format!("during{index}@example.com"), "During").await;
+                written.fetch_add(1, Ordering::Relaxed);
+                index += 1;
+            }
+        }
+    });
+    let reader = tokio::spawn({
+        let (gateway, client, running) = (platform.gateway_url.clone(), client.clone(), running.clone());
+        let (failed_reads, reads, ids) = (failed_reads.clone(), reads.clone(), ids.clone());
+        async move {
+            while running.load(Ordering::Relaxed) {
+                for id in ids.iter().step_by(7) {
+                    let response = client.get(format!("{gateway}/v1/users/{id}")).send().await.unwrap();
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    if response.status() != 200 {
+                        failed_reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    });
+
+    let output = platform.keel_ok(&["projections", "rebuild", "users"]);
+    assert!(output.contains("version 2 is live"), "{output}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.store(false, Ordering::Relaxed);
+    writer.await.unwrap();
+    reader.await.unwrap();
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    assert_eq!(failed_reads.load(Ordering::Relaxed), 0, "no query failed during the swap");
+
+    let expected = 200 + written.load(Ordering::Relaxed) as i64;
+    wait_for_users(&pool, expected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let live = users_checksum(&pool, "users").await;
+    assert_eq!(live.0, expected);
+    assert_eq!(users_checksum(&pool, "users_v2").await, live, "the view reads version 2");
+
+    // A second, quiet rebuild from scratch builds exactly the same rows.
+    let output = platform.keel_ok(&["projections", "rebuild", "users"]);
+    assert!(output.contains("version 3 is live"), "{output}");
+    assert_eq!(users_checksum(&pool, "users_v3").await, live);
+
+    let status: Value = reqwest::get(format!("{}/admin/projections", platform.admin_url(Role::Projector)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let users = status.as_array().unwrap().iter().find(|p| p["name"] == "users").unwrap();
+    assert_eq!(users["live_version"], 3);
+    assert_eq!(users["needs_rebuild"], false);
+    let states: Vec<(i64, String)> = users["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_i64().unwrap(), v["state"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(states, vec![(1, "retired".into()), (2, "retired".into()), (3, "live".into())]);
+    let live_version = users["versions"].as_array().unwrap().iter().find(|v| v["version"] == 3).unwrap();
+    assert_eq!(live_version["partitions"].as_array().unwrap().len(), 8);
+
+    // The live projector follows the new version: new registrations land in version 3.
+    let id = platform.register(&client, "after@example.com", "After").await;
+    eventually(Duration::from_secs(20), "the new user in version 3", || async {
+        let found: Option<i64> = sqlx::query_scalar("SELECT version FROM users_v3 WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        found.map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_commit_is_dead_lettered_and_a_retry_after_the_fix_applies_it() {
+    let platform = Platform::start().await;
+    let pool = platform.database.pool().await;
+    let client = reqwest::Client::new();
+    poison_display_names(&pool, true).await;
+    let first = platform.register(&client, "first@example.com", "First").await;
+    let poison = platform.register(&client, "poison@example.com", "Poison").await;
+    let last = platform.register(&client, "last@example.com", "Last").await;
+
+    wait_for_users(&pool, 2).await;
+    let letters = eventually(Duration::from_secs(20), "a dead letter", || async {
+        let listed = platform.keel_ok(&["projections", "dlq", "list", "--projection", "users"]);
+        let letters: Vec<Value> = listed.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0]["error"].as_str().unwrap().contains("no_poison"), "{letters:?}");
+    for id in [&first, &last] {
+        let found: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(found, 1, "the other commits are applied");
+    }
+    assert_eq!(platform.broker.record_count_in("keel.dead-letters", 1), 1);
+    eventually(Duration::from_secs(20), "every audit entry", || async {
+        (count(&pool, "audit_log").await == 3).then_some(())
+    })
+    .await;
+
+    // Before the fix a retry fails and says why; after it, the commit is applied.
+    let output = platform.keel(&["projections", "dlq", "retry", "users"]).output().unwrap();
+    assert!(!output.status.success());
+    poison_display_names(&pool, false).await;
+    platform.keel_ok(&["projections", "dlq", "retry", "users"]);
+    let name: String = sqlx::query_scalar("SELECT display_name FROM users WHERE id = $1::uuid")
+        .bind(&poison)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(name, "Poison");
+    assert_eq!(platform.keel_ok(&["projections", "dlq", "list"]).trim(), "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_the_stop_policy_a_poison_commit_stops_the_projection_until_resumed() {
+    let mut platform = Platform::prepare().await;
+    for role in [Role::Registry, Role::Identity] {
+        platform.spawn(role);
+        platform.wait_ready(role, Duration::from_secs(60)).await;
+    }
+    platform.spawn_with(Role::Projector, &[("KEEL_PROJECTOR__ON_POISON_OVERRIDES__USERS", "stop")]);
+    platform.wait_ready(Role::Projector, Duration::from_secs(60)).await;
+    platform.spawn(Role::Gateway);
+    platform.wait_ready(Role::Gateway, Duration::from_secs(60)).await;
+    let pool = platform.database.pool().await;
+    let client = reqwest::Client::new();
+    poison_display_names(&pool, true).await;
+    platform.register(&client, "first@example.com", "First").await;
+    wait_for_users(&pool, 1).await;
+    platform.register(&client, "poison@example.com", "Poison").await;
+    platform.register(&client, "last@example.com", "Last").await;
+
+    let status_url = format!("{}/admin/projections", platform.admin_url(Role::Projector));
+    let stopped = eventually(Duration::from_secs(20), "the users projection to stop", || async {
+        let status: Value = reqwest::get(&status_url).await.unwrap().json().await.unwrap();
+        let users = status.as_array().unwrap().iter().find(|p| p["name"] == "users").unwrap().clone();
+        let live = users["versions"].as_array().unwrap().iter().find(|v| v["state"] == "live").unwrap().clone();
+        (live["stopped"] == true).then_some(live)
+    })
+    .await;
+    assert!(stopped["last_error"].as_str().unwrap().contains("no_poison"), "{stopped}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&pool, "users").await, 1, "nothing after the poison commit is applied while stopped");
+
+    poison_display_names(&pool, false).await;
+    let output = platform.keel_ok(&["projections", "resume", "users"]);
+    assert!(output.contains("resumed"), "{output}");
+    wait_for_users(&pool, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_projector_at_random_points_matches_a_rebuild_from_scratch() {
+    const REGISTRATIONS: usize = 10_000;
+    let mut platform = Platform::start().await;
+    let pool = platform.database.pool().await;
+    let client = reqwest::Client::new();
+    let url = Arc::new(format!("{}/v1/users", platform.gateway_url));
+    let burst = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            stream::iter(0..REGISTRATIONS)
+                .map(|index| {
+                    let (client, url) = (client.clone(), url.clone());
+                    async move {
+                        let (email, name) = (format!("u{index}@example.com"), format!("U {index}"));
+                        support::register_retrying(&client, &url, &email, &name).await;
+                    }
+                })
+                .buffer_unordered(64)
+                .collect::<Vec<()>>()
+                .await
+        }
+    });
+    // Kill at pseudo-random moments: the pauses come from the clock, not a fixed schedule.
+    let mut kills = Vec::new();
+    while !burst.is_finished() && kills.len() < 8 {
+        let pause =
+            200 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 1300);
+        tokio::time::sleep(Duration::from_millis(u64::from(pause))).await;
+        kills.push(count(&pool, "users").await);
+        platform.kill9(Role::Projector);
+        platform.spawn(Role::Projector);
+        platform.wait_ready(Role::Projector, Duration::from_secs(30)).await;
+    }
+    burst.await.unwrap();
+    eprintln!("projector killed {} times, with {kills:?} users projected", kills.len());
+    assert!(kills.len() >= 3, "the burst outlived at least three kills");
+    assert!(kills.iter().any(|seen| *seen > 0 && *seen < REGISTRATIONS as i64), "{kills:?}");
+
+    wait_for_users(&pool, REGISTRATIONS as i64).await;
+    eventually(Duration::from_secs(60), "every audit entry", || async {
+        (count(&pool, "audit_log").await >= REGISTRATIONS as i64).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let survived = users_checksum(&pool, "users").await;
+    assert_eq!(survived.0, REGISTRATIONS as i64);
+    assert_eq!(count(&pool, "audit_log").await, REGISTRATIONS as i64);
+    platform.keel_ok(&["audit", "verify"]);
+
+    let output = platform.keel_ok(&["projections", "rebuild", "users"]);
+    assert!(output.contains("version 2 is live"), "{output}");
+    assert_eq!(users_checksum(&pool, "users_v2").await, survived, "no gap, no double");
+}

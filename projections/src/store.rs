@@ -1,0 +1,318 @@
+//! The projection catalogue in PostgreSQL: versions, checkpoints, validation state.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Context, bail};
+use keel_topics::{StreamState, reader::PartitionKey};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::projection::{Projection, Tables};
+
+/// A version's row of `projection_versions`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VersionRow {
+    pub version: i32,
+    pub code_version: i32,
+    pub state: String,
+    pub stopped: bool,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub live_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub drop_after: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(skip)]
+    pub apply_from: BTreeMap<PartitionKey, i64>,
+}
+
+/// Makes sure a projection has a live version, creating version 1 (tables and views) for a
+/// projection the database has never seen.
+pub async fn ensure_registered(pool: &PgPool, projection: &dyn Projection) -> anyhow::Result<i32> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel-projection-catalogue'), hashtext($1))")
+        .bind(projection.name())
+        .execute(&mut *transaction)
+        .await?;
+    let live: Option<i32> = sqlx::query_scalar("SELECT live_version FROM projections WHERE name = $1")
+        .bind(projection.name())
+        .fetch_optional(&mut *transaction)
+        .await?;
+    if let Some(live) = live {
+        transaction.commit().await?;
+        return Ok(live);
+    }
+    create_tables(&mut transaction, projection, Tables::new(1)).await?;
+    sqlx::query(
+        "INSERT INTO projection_versions (name, version, code_version, state, live_at) VALUES ($1, 1, $2, 'live', now())",
+    )
+    .bind(projection.name())
+    .bind(projection.code_version())
+    .execute(&mut *transaction)
+    .await?;
+    sqlx::query("INSERT INTO projections (name, live_version) VALUES ($1, 1)")
+        .bind(projection.name())
+        .execute(&mut *transaction)
+        .await?;
+    point_views(&mut transaction, projection, Tables::new(1)).await?;
+    transaction.commit().await?;
+    Ok(1)
+}
+
+pub async fn create_tables(
+    connection: &mut PgConnection,
+    projection: &dyn Projection,
+    tables: Tables,
+) -> anyhow::Result<()> {
+    for table in projection.tables() {
+        let ddl = table.ddl.replace("{table}", &tables.name(table.name));
+        sqlx::raw_sql(AssertSqlSafe(ddl))
+            .execute(&mut *connection)
+            .await
+            .with_context(|| format!("failed to create {}", tables.name(table.name)))?;
+    }
+    Ok(())
+}
+
+/// Points every view of the projection at the tables of `tables`' version.
+pub async fn point_views(
+    connection: &mut PgConnection,
+    projection: &dyn Projection,
+    tables: Tables,
+) -> anyhow::Result<()> {
+    for table in projection.tables().iter().filter(|table| table.view) {
+        let statement = format!(
+            "DROP VIEW IF EXISTS {view}; CREATE VIEW {view} AS SELECT * FROM {physical}",
+            view = table.name,
+            physical = tables.name(table.name)
+        );
+        sqlx::raw_sql(AssertSqlSafe(statement))
+            .execute(&mut *connection)
+            .await
+            .with_context(|| format!("failed to point view {}", table.name))?;
+    }
+    Ok(())
+}
+
+pub async fn live_version(connection: &mut PgConnection, name: &str, lock: bool) -> anyhow::Result<Option<i32>> {
+    let statement = if lock {
+        "SELECT live_version FROM projections WHERE name = $1 FOR SHARE"
+    } else {
+        "SELECT live_version FROM projections WHERE name = $1"
+    };
+    Ok(sqlx::query_scalar(statement).bind(name).fetch_optional(&mut *connection).await?)
+}
+
+pub async fn versions(pool: &PgPool, name: &str) -> anyhow::Result<Vec<VersionRow>> {
+    let rows = sqlx::query(
+        "SELECT version, code_version, state, stopped, last_error, last_error_at, created_at, live_at, drop_after, apply_from
+         FROM projection_versions WHERE name = $1 ORDER BY version",
+    )
+    .bind(name)
+    .fetch_all(pool)
+    .await
+    .context("failed to read projection versions")?;
+    rows.iter()
+        .map(|row| {
+            let apply_from: serde_json::Value = row.get("apply_from");
+            Ok(VersionRow {
+                version: row.get("version"),
+                code_version: row.get("code_version"),
+                state: row.get("state"),
+                stopped: row.get("stopped"),
+                last_error: row.get("last_error"),
+                last_error_at: row.get("last_error_at"),
+                created_at: row.get("created_at"),
+                live_at: row.get("live_at"),
+                drop_after: row.get("drop_after"),
+                apply_from: parse_positions(&apply_from)?,
+            })
+        })
+        .collect()
+}
+
+/// `{"topic/partition": offset}` ↔ positions.
+pub fn positions_json(positions: &BTreeMap<PartitionKey, i64>) -> serde_json::Value {
+    serde_json::Value::Object(
+        positions
+            .iter()
+            .map(|((topic, partition), offset)| (format!("{topic}/{partition}"), (*offset).into()))
+            .collect(),
+    )
+}
+
+fn parse_positions(value: &serde_json::Value) -> anyhow::Result<BTreeMap<PartitionKey, i64>> {
+    let Some(object) = value.as_object() else { bail!("positions are an object") };
+    object
+        .iter()
+        .map(|(key, offset)| {
+            let (topic, partition) = key.rsplit_once('/').context("position key is topic/partition")?;
+            let offset = offset.as_i64().context("position offset is an integer")?;
+            Ok(((topic.to_owned(), partition.parse()?), offset))
+        })
+        .collect()
+}
+
+pub async fn checkpoints(
+    connection: &mut PgConnection,
+    name: &str,
+    version: i32,
+) -> anyhow::Result<BTreeMap<PartitionKey, i64>> {
+    let rows = sqlx::query(
+        "SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = $1 AND projection_version = $2",
+    )
+    .bind(name)
+    .bind(version)
+    .fetch_all(&mut *connection)
+    .await
+    .context("failed to load checkpoints")?;
+    Ok(rows.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect())
+}
+
+/// Moves the checkpoints of a version forward. Fails if another worker moved any of them since
+/// `expected` was read: two workers never both apply the same records.
+pub async fn advance_checkpoints(
+    connection: &mut PgConnection,
+    name: &str,
+    version: i32,
+    expected: &BTreeMap<PartitionKey, i64>,
+    next: &BTreeMap<PartitionKey, i64>,
+) -> anyhow::Result<()> {
+    for ((topic, partition), next_offset) in next {
+        let previous = expected.get(&(topic.clone(), *partition)).copied();
+        let updated = match previous {
+            Some(previous) => sqlx::query(
+                "UPDATE projection_checkpoints SET next_offset = $5, updated_at = now()
+                 WHERE projection = $1 AND projection_version = $2 AND topic = $3 AND partition = $4 AND next_offset = $6",
+            )
+            .bind(name)
+            .bind(version)
+            .bind(topic)
+            .bind(partition)
+            .bind(next_offset)
+            .bind(previous)
+            .execute(&mut *connection)
+            .await?
+            .rows_affected(),
+            None => sqlx::query(
+                "INSERT INTO projection_checkpoints (projection, projection_version, topic, partition, next_offset)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(name)
+            .bind(version)
+            .bind(topic)
+            .bind(partition)
+            .bind(next_offset)
+            .execute(&mut *connection)
+            .await?
+            .rows_affected(),
+        };
+        if updated != 1 {
+            bail!(CheckpointMoved { topic: topic.clone(), partition: *partition });
+        }
+    }
+    Ok(())
+}
+
+/// Another worker applied these records first.
+#[derive(Debug, thiserror::Error)]
+#[error("the checkpoint of {topic}/{partition} moved under this worker")]
+pub struct CheckpointMoved {
+    pub topic: String,
+    pub partition: i32,
+}
+
+pub async fn load_streams(
+    connection: &mut PgConnection,
+    name: &str,
+    version: i32,
+    keys: &[(String, Uuid)],
+) -> anyhow::Result<HashMap<(String, Uuid), StreamState>> {
+    // One primary-key lookup per topic (a batch usually holds one topic).
+    let mut by_topic: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
+    for (topic, id) in keys {
+        by_topic.entry(topic.as_str()).or_default().push(*id);
+    }
+    let mut streams = HashMap::with_capacity(keys.len());
+    for (topic, ids) in by_topic {
+        let rows = sqlx::query(
+            "SELECT aggregate_id, version, recent_commands FROM projection_streams
+             WHERE projection = $1 AND projection_version = $2 AND topic = $3 AND aggregate_id = ANY($4)",
+        )
+        .bind(name)
+        .bind(version)
+        .bind(topic)
+        .bind(&ids)
+        .fetch_all(&mut *connection)
+        .await
+        .context("failed to load stream states")?;
+        for row in rows {
+            let aggregate_version: i64 = row.get(1);
+            let commands: Vec<Uuid> = row.get(2);
+            streams.insert((topic.to_owned(), row.get(0)), StreamState::from_parts(aggregate_version as u64, commands));
+        }
+    }
+    Ok(streams)
+}
+
+pub async fn save_streams(
+    connection: &mut PgConnection,
+    name: &str,
+    version: i32,
+    streams: &HashMap<(String, Uuid), StreamState>,
+) -> anyhow::Result<()> {
+    if streams.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&(String, Uuid)> = streams.keys().collect();
+    let topics: Vec<&str> = keys.iter().map(|(topic, _)| topic.as_str()).collect();
+    let ids: Vec<Uuid> = keys.iter().map(|(_, id)| *id).collect();
+    let versions: Vec<i64> = keys.iter().map(|key| streams[*key].version() as i64).collect();
+    // PostgreSQL has no arrays of arrays of varying length: each window travels as text.
+    let commands: Vec<String> = keys
+        .iter()
+        .map(|key| {
+            let list: Vec<String> = streams[*key].recent_commands().map(Uuid::to_string).collect();
+            format!("{{{}}}", list.join(","))
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO projection_streams (projection, projection_version, topic, aggregate_id, version, recent_commands)
+         SELECT $1, $2, topic, id, version, commands::uuid[]
+         FROM UNNEST($3::text[], $4::uuid[], $5::bigint[], $6::text[]) AS input(topic, id, version, commands)
+         ON CONFLICT (projection, projection_version, topic, aggregate_id)
+         DO UPDATE SET version = excluded.version, recent_commands = excluded.recent_commands",
+    )
+    .bind(name)
+    .bind(version)
+    .bind(&topics)
+    .bind(&ids)
+    .bind(&versions)
+    .bind(&commands)
+    .execute(&mut *connection)
+    .await
+    .context("failed to save stream states")?;
+    Ok(())
+}
+
+pub async fn record_error(pool: &PgPool, name: &str, version: i32, error: &str, stop: bool) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE projection_versions SET last_error = $3, last_error_at = now(), stopped = stopped OR $4
+         WHERE name = $1 AND version = $2",
+    )
+    .bind(name)
+    .bind(version)
+    .bind(error)
+    .bind(stop)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn is_stopped(pool: &PgPool, name: &str, version: i32) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar("SELECT stopped FROM projection_versions WHERE name = $1 AND version = $2")
+        .bind(name)
+        .bind(version)
+        .fetch_optional(pool)
+        .await?
+        .unwrap_or(false))
+}
