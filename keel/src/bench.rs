@@ -168,7 +168,7 @@ async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectO
     let started = Instant::now();
     let task = tokio::spawn({
         let (runner, shutdown) = (projector.runner(users, 1), shutdown.clone());
-        async move { runner.run_live(&shutdown).await }
+        async move { runner.run_live(&shutdown, None).await }
     });
     loop {
         let applied: i64 = sqlx::query_scalar(

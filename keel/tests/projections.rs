@@ -266,3 +266,45 @@ async fn killing_the_projector_at_random_points_matches_a_rebuild_from_scratch()
     assert!(output.contains("version 2 is live"), "{output}");
     assert_eq!(users_checksum(&pool, "users_v2").await, survived, "no gap, no double");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_projectors_split_the_partitions_and_one_takes_over_when_the_other_dies() {
+    const EACH: usize = 400;
+    let mut platform = Platform::start().await;
+    platform.spawn(Role::SecondProjector);
+    platform.wait_ready(Role::SecondProjector, Duration::from_secs(60)).await;
+    let assigned = r#"keel_projector_assigned_partitions{projection="users"}"#;
+    for role in [Role::Projector, Role::SecondProjector] {
+        let platform = &platform;
+        eventually(Duration::from_secs(30), "each instance to own half the partitions", || async move {
+            (platform.metric(role, assigned).await == Some(4.0)).then_some(())
+        })
+        .await;
+    }
+    let pool = platform.database.pool().await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/users", platform.gateway_url);
+    for index in 0..EACH {
+        support::register_retrying(&client, &url, &format!("first{index}@example.com"), "First").await;
+    }
+    wait_for_users(&pool, EACH as i64).await;
+    let applied = r#"keel_projection_events_total{projection="users"}"#;
+    let first = platform.metric(Role::Projector, applied).await.unwrap_or(0.0);
+    let second = platform.metric(Role::SecondProjector, applied).await.unwrap_or(0.0);
+    assert!(first > 0.0 && second > 0.0, "both instances applied events: {first} and {second}");
+    assert_eq!(first + second, EACH as f64, "each event was applied by exactly one instance");
+
+    // The survivor takes over the dead instance's partitions after the session timeout.
+    platform.kill9(Role::Projector);
+    for index in 0..EACH {
+        support::register_retrying(&client, &url, &format!("second{index}@example.com"), "Second").await;
+    }
+    wait_for_users(&pool, 2 * EACH as i64).await;
+    assert_eq!(platform.metric(Role::SecondProjector, assigned).await, Some(8.0));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let survived = users_checksum(&pool, "users").await;
+    assert_eq!(survived.0, 2 * EACH as i64);
+    let output = platform.keel_ok(&["projections", "rebuild", "users"]);
+    assert!(output.contains("version 2 is live"), "{output}");
+    assert_eq!(users_checksum(&pool, "users_v2").await, survived, "no gap, no double across the hand-over");
+}

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod dead_letters;
+mod membership;
 mod projection;
 pub mod rebuild;
 mod runner;
@@ -126,42 +127,80 @@ impl Projector {
         }
     }
 
-    /// Runs the live version of `projection`, following it across rebuild swaps, until shutdown.
+    /// Runs this instance's share of the live version of `projection`, following it across
+    /// rebuild swaps and rebalances, until shutdown.
     async fn supervise(self, projection: Arc<dyn Projection>, shutdown: CancellationToken) -> anyhow::Result<()> {
         let name = projection.name();
         store::ensure_registered(&self.pool, projection.as_ref()).await?;
-        let mut backoff = Duration::from_millis(200);
+        let topics: Vec<String> = projection.topics().iter().map(|topic| self.names.name(*topic)).collect();
         while !shutdown.is_cancelled() {
             let live = store::live_version(&mut *self.pool.acquire().await?, name, false)
                 .await?
                 .context("a registered projection has a live version")?;
+            // One group per version: after a swap every instance moves to the new version's group.
+            let group = format!("keel-projector.{}{name}.v{live}", self.kafka.topic_prefix);
+            let membership = membership::Membership::join(&self.kafka, &group, &topics)?;
             let runner = self.runner(projection.clone(), live);
-            match runner.run_live(&shutdown).await {
-                Ok(Exit::Shutdown) => break,
-                Ok(Exit::Superseded) => {
-                    tracing::info!(projection = name, previous = live, "a new version is live; following it");
-                    backoff = Duration::from_millis(200);
+            match self.follow(&runner, &membership, &shutdown).await? {
+                Exit::Shutdown => break,
+                Exit::Superseded => {
+                    tracing::info!(projection = name, previous = live, "a new version is live; following it")
                 }
+                Exit::Stopped | Exit::Reassigned => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `runner` on the partitions `membership` assigns, until shutdown or another version is
+    /// live.
+    async fn follow(
+        &self,
+        runner: &Runner,
+        membership: &membership::Membership,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Exit> {
+        let name = runner.projection.name();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let mut changes = membership.watch();
+            let assigned = membership.assigned();
+            metrics::gauge!("keel_projector_assigned_partitions", "projection" => name).set(assigned.len() as f64);
+            if assigned.is_empty() {
+                // No share (yet): wait for one, noticing a swap or a shutdown meanwhile.
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(Exit::Shutdown),
+                    _ = changes.changed() => continue,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let live = store::live_version(&mut *self.pool.acquire().await?, name, false).await?;
+                if live != Some(runner.version) {
+                    return Ok(Exit::Superseded);
+                }
+                continue;
+            }
+            match runner.run_live(shutdown, Some((assigned, changes))).await {
+                Ok(Exit::Reassigned) => backoff = Duration::from_millis(200),
                 Ok(Exit::Stopped) => {
                     // Wait for `keel projections resume`.
-                    while store::is_stopped(&self.pool, name, live).await? {
+                    while store::is_stopped(&self.pool, name, runner.version).await? {
                         tokio::select! {
-                            () = shutdown.cancelled() => return Ok(()),
+                            () = shutdown.cancelled() => return Ok(Exit::Shutdown),
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                     }
                 }
+                Ok(exit) => return Ok(exit),
                 Err(error) => {
                     tracing::error!(projection = name, error = %format!("{error:#}"), "projection worker failed; restarting");
                     tokio::select! {
-                        () = shutdown.cancelled() => break,
+                        () = shutdown.cancelled() => return Ok(Exit::Shutdown),
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
-        Ok(())
     }
 }
 

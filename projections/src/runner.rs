@@ -15,6 +15,7 @@ use keel_topics::{
 use rdkafka::message::{Message, OwnedMessage};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -61,6 +62,8 @@ pub enum Exit {
     Superseded,
     /// The projection is stopped by its poison policy.
     Stopped,
+    /// This instance's share of the partitions changed.
+    Reassigned,
 }
 
 /// A record as the runner understands it.
@@ -106,7 +109,12 @@ impl Runner {
         Tables::new(self.version)
     }
 
+    /// Opens a reader on every partition of the projection's topics, or only on `only`.
     pub(crate) async fn open(&self) -> anyhow::Result<Worker<'_>> {
+        self.open_partitions(None).await
+    }
+
+    pub(crate) async fn open_partitions(&self, only: Option<&[PartitionKey]>) -> anyhow::Result<Worker<'_>> {
         let name = self.projection.name();
         let metadata = kafka::consumer(&self.kafka, "keel-projector-metadata")?;
         let mut partitions = Vec::new();
@@ -116,6 +124,9 @@ impl Runner {
             let count = kafka::partition_count(&metadata, &topic_name, Duration::from_secs(30)).await?;
             partitions.extend((0..count as i32).map(|partition| (topic_name.clone(), partition)));
             topics.insert(topic_name, *topic);
+        }
+        if let Some(only) = only {
+            partitions.retain(|key| only.contains(key));
         }
         let mut connection = self.pool.acquire().await.context("failed to connect to the database")?;
         let checkpoints = store::checkpoints(&mut connection, name, self.version).await?;
@@ -131,11 +142,24 @@ impl Runner {
         Ok(Worker { runner: self, reader, checkpoints, apply_from, topics })
     }
 
-    /// Runs the live version until shutdown, until another version is live, or until the poison
-    /// policy stops it. A batch in flight is finished or rolled back, never half applied.
-    pub async fn run_live(&self, shutdown: &CancellationToken) -> anyhow::Result<Exit> {
-        let mut worker = self.open().await?;
+    /// Runs the live version until shutdown, until another version is live, until the poison
+    /// policy stops it, or until `assignment` (this instance's share of the partitions, when
+    /// several instances split them) changes. A batch in flight is finished or rolled back,
+    /// never half applied.
+    pub async fn run_live(
+        &self,
+        shutdown: &CancellationToken,
+        assignment: Option<(Vec<PartitionKey>, watch::Receiver<Vec<PartitionKey>>)>,
+    ) -> anyhow::Result<Exit> {
+        let (only, mut reassigned) = match assignment {
+            Some((partitions, changes)) => (Some(partitions), Some(changes)),
+            None => (None, None),
+        };
+        let mut worker = self.open_partitions(only.as_deref()).await?;
         loop {
+            if reassigned.as_mut().is_some_and(|changes| changes.has_changed().unwrap_or(true)) {
+                return Ok(Exit::Reassigned);
+            }
             let Some(batch) = worker.next_batch(Some(IDLE_TICK), shutdown).await? else { return Ok(Exit::Shutdown) };
             if batch.is_empty() {
                 worker.record_lag();

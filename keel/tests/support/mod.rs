@@ -163,6 +163,8 @@ pub enum Role {
     Identity,
     Projector,
     Gateway,
+    /// A second projector instance, with its own admin address.
+    SecondProjector,
 }
 
 impl Role {
@@ -170,7 +172,7 @@ impl Role {
         match self {
             Self::Registry => "registry",
             Self::Identity => "identity",
-            Self::Projector => "projector",
+            Self::Projector | Self::SecondProjector => "projector",
             Self::Gateway => "gateway",
         }
     }
@@ -190,6 +192,7 @@ pub struct Platform {
     pub gateway_url: String,
     env: Vec<(String, String)>,
     admin_urls: BTreeMap<Role, String>,
+    second_projector_admin: String,
     running: BTreeMap<Role, Running>,
 }
 
@@ -217,6 +220,7 @@ impl Platform {
             ("KEEL_IDENTITY__ADMIN_LISTEN", free_port()),
             ("KEEL_PROJECTOR__ADMIN_LISTEN", free_port()),
             ("KEEL_GATEWAY__LISTEN", free_port()),
+            ("SECOND_PROJECTOR_ADMIN_LISTEN", free_port()),
         ];
         let mut env: Vec<(String, String)> =
             ports.iter().map(|(key, port)| ((*key).to_owned(), format!("127.0.0.1:{port}"))).collect();
@@ -237,9 +241,21 @@ impl Platform {
             (Role::Identity, format!("http://{}", address("KEEL_IDENTITY__ADMIN_LISTEN"))),
             (Role::Projector, format!("http://{}", address("KEEL_PROJECTOR__ADMIN_LISTEN"))),
             (Role::Gateway, format!("http://{}", address("KEEL_GATEWAY__LISTEN"))),
+            (Role::SecondProjector, format!("http://{}", address("SECOND_PROJECTOR_ADMIN_LISTEN"))),
         ]);
+        let second_projector_admin = address("SECOND_PROJECTOR_ADMIN_LISTEN");
+        env.retain(|(key, _)| key != "SECOND_PROJECTOR_ADMIN_LISTEN");
         let gateway_url = admin_urls[&Role::Gateway].clone();
-        let platform = Self { dir, broker, database, gateway_url, env, admin_urls, running: BTreeMap::new() };
+        let platform = Self {
+            dir,
+            broker,
+            database,
+            gateway_url,
+            env,
+            admin_urls,
+            second_projector_admin,
+            running: BTreeMap::new(),
+        };
         for args in [&["migrate"][..], &["topics", "create"]] {
             let output = platform.keel(args).output().unwrap();
             assert!(output.status.success(), "keel {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -261,8 +277,11 @@ impl Platform {
 
     /// Starts a role with extra environment (overrides).
     pub fn spawn_with(&mut self, role: Role, extra: &[(&str, &str)]) {
-        let log = self.dir.join(format!("{}.log", role.command()));
+        let log = self.dir.join(format!("{role:?}.log").to_lowercase());
         let mut command = self.keel(&[role.command()]);
+        if role == Role::SecondProjector {
+            command.env("KEEL_PROJECTOR__ADMIN_LISTEN", &self.second_projector_admin);
+        }
         command.envs(extra.iter().copied()).stdin(Stdio::null()).stdout(append_log(&log)).stderr(append_log(&log));
         let child = command.spawn().unwrap();
         let admin_url = self.admin_urls[&role].clone();
@@ -344,7 +363,13 @@ impl Platform {
     }
 
     pub fn log_tail(&self, role: Role) -> String {
-        tail(&self.dir.join(format!("{}.log", role.command())), 40)
+        tail(&self.dir.join(format!("{role:?}.log").to_lowercase()), 40)
+    }
+
+    /// The value of a metric sample (`name{labels}`) on a role's `/metrics`, if present.
+    pub async fn metric(&self, role: Role, sample: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.admin_url(role))).await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
     }
 }
 
