@@ -43,6 +43,23 @@ async fn a_rebuild_swaps_in_without_a_failed_query_while_commands_flow() {
     }
     wait_for_users(&pool, 200).await;
 
+    // Version 1 as if older code had built it: the status says it needs a rebuild.
+    sqlx::query("UPDATE projection_versions SET code_version = 0 WHERE name = 'users' AND version = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let status: Value = serde_json::from_str(&platform.keel_ok(&["projections", "status"])).unwrap();
+    let users = status.as_array().unwrap().iter().find(|p| p["name"] == "users").unwrap();
+    assert_eq!(users["needs_rebuild"], true, "{users}");
+    let metrics_url = format!("{}/metrics", platform.admin_url(Role::Projector));
+    eventually(Duration::from_secs(15), "lag per partition on /metrics", || async {
+        let metrics = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
+        metrics
+            .contains(r#"keel_projection_lag{projection="users",topic="identity.users",partition="0"}"#)
+            .then_some(())
+    })
+    .await;
+
     // Writers keep registering and readers keep reading while the rebuild runs.
     let running = Arc::new(AtomicBool::new(true));
     let written = Arc::new(AtomicU64::new(0));
@@ -91,10 +108,21 @@ async fn a_rebuild_swaps_in_without_a_failed_query_while_commands_flow() {
     assert_eq!(live.0, expected);
     assert_eq!(users_checksum(&pool, "users_v2").await, live, "the view reads version 2");
 
-    // A second, quiet rebuild from scratch builds exactly the same rows.
-    let output = platform.keel_ok(&["projections", "rebuild", "users"]);
-    assert!(output.contains("version 3 is live"), "{output}");
+    // A second, quiet rebuild from scratch builds exactly the same rows; without a grace period
+    // the version it replaces is dropped at once.
+    let output = platform
+        .keel(&["projections", "rebuild", "users"])
+        .env("KEEL_PROJECTOR__RETIRED_GRACE_SECS", "0")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("version 3 is live"), "{output:?}");
     assert_eq!(users_checksum(&pool, "users_v3").await, live);
+    eventually(Duration::from_secs(20), "version 2's tables to be dropped", || async {
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('users_v2')::text").fetch_one(&pool).await.unwrap();
+        exists.is_none().then_some(())
+    })
+    .await;
 
     let status: Value = reqwest::get(format!("{}/admin/projections", platform.admin_url(Role::Projector)))
         .await
@@ -111,7 +139,7 @@ async fn a_rebuild_swaps_in_without_a_failed_query_while_commands_flow() {
         .iter()
         .map(|v| (v["version"].as_i64().unwrap(), v["state"].as_str().unwrap().to_owned()))
         .collect();
-    assert_eq!(states, vec![(1, "retired".into()), (2, "retired".into()), (3, "live".into())]);
+    assert_eq!(states, vec![(1, "retired".into()), (3, "live".into())], "version 2 is dropped");
     let live_version = users["versions"].as_array().unwrap().iter().find(|v| v["version"] == 3).unwrap();
     assert_eq!(live_version["partitions"].as_array().unwrap().len(), 8);
 
@@ -230,16 +258,23 @@ async fn killing_the_projector_at_random_points_matches_a_rebuild_from_scratch()
                         support::register_retrying(&client, &url, &email, &name).await;
                     }
                 })
-                .buffer_unordered(64)
+                .buffer_unordered(16)
                 .collect::<Vec<()>>()
                 .await
         }
     });
-    // Kill at pseudo-random moments: the pauses come from the clock, not a fixed schedule.
+    // Kill at pseudo-random moments while the projector is applying: after each restart, wait
+    // until it makes progress again (a restarted instance gets its partitions once the killed
+    // one's group session expired), then kill it after a pause taken from the clock.
     let mut kills = Vec::new();
-    while !burst.is_finished() && kills.len() < 8 {
+    while !burst.is_finished() && kills.len() < 5 {
+        let before = count(&pool, "users").await;
+        eventually(Duration::from_secs(60), "the projector to make progress", || async {
+            (count(&pool, "users").await > before).then_some(())
+        })
+        .await;
         let pause =
-            200 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 1300);
+            50 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 700);
         tokio::time::sleep(Duration::from_millis(u64::from(pause))).await;
         kills.push(count(&pool, "users").await);
         platform.kill9(Role::Projector);
@@ -307,4 +342,35 @@ async fn two_projectors_split_the_partitions_and_one_takes_over_when_the_other_d
     let output = platform.keel_ok(&["projections", "rebuild", "users"]);
     assert!(output.contains("version 2 is live"), "{output}");
     assert_eq!(users_checksum(&pool, "users_v2").await, survived, "no gap, no double across the hand-over");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_from_a_time_applies_only_the_records_since_then() {
+    let platform = Platform::start().await;
+    let pool = platform.database.pool().await;
+    let client = reqwest::Client::new();
+    for index in 0..5 {
+        platform.register(&client, &format!("early{index}@example.com"), "Early").await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let since = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut late = Vec::new();
+    for index in 0..5 {
+        late.push(platform.register(&client, &format!("late{index}@example.com"), "Late").await);
+    }
+    eventually(Duration::from_secs(20), "ten audit entries", || async {
+        (count(&pool, "audit_log").await == 10).then_some(())
+    })
+    .await;
+
+    let output = platform.keel_ok(&["projections", "rebuild", "audit", "--from-time", &since]);
+    assert!(output.contains("version 2 is live"), "{output}");
+    let ids: Vec<String> = sqlx::query_scalar("SELECT aggregate_id::text FROM audit_log ORDER BY aggregate_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    late.sort();
+    assert_eq!(ids, late, "only the registrations since the start time are applied");
+    platform.keel_ok(&["audit", "verify"]);
 }

@@ -144,7 +144,12 @@ impl Projector {
             match self.follow(&runner, &membership, &shutdown).await? {
                 Exit::Shutdown => break,
                 Exit::Superseded => {
-                    tracing::info!(projection = name, previous = live, "a new version is live; following it")
+                    tracing::info!(projection = name, previous = live, "a new version is live; following it");
+                    // A rebuild with no grace period wants the old tables gone now, not at the
+                    // janitor's next round.
+                    if let Err(error) = rebuild::drop_expired(&self.pool, std::slice::from_ref(&projection)).await {
+                        tracing::warn!(error = %format!("{error:#}"), "failed to drop retired projection versions");
+                    }
                 }
                 Exit::Stopped | Exit::Reassigned => {}
             }

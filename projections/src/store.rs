@@ -234,9 +234,11 @@ pub async fn load_streams(
     }
     let mut streams = HashMap::with_capacity(keys.len());
     for (topic, ids) in by_topic {
+        // The primary key leads with `aggregate_id`, so this is an index scan whatever the
+        // statistics say (see migration 20261125000004).
         let rows = sqlx::query(
             "SELECT aggregate_id, version, recent_commands FROM projection_streams
-             WHERE projection = $1 AND projection_version = $2 AND topic = $3 AND aggregate_id = ANY($4)",
+             WHERE aggregate_id = ANY($4) AND topic = $3 AND projection = $1 AND projection_version = $2",
         )
         .bind(name)
         .bind(version)
