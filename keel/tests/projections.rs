@@ -242,49 +242,58 @@ async fn under_the_stop_policy_a_poison_commit_stops_the_projection_until_resume
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_projector_at_random_points_matches_a_rebuild_from_scratch() {
-    const REGISTRATIONS: usize = 10_000;
+    const ROUNDS: usize = 4;
+    const PER_ROUND: usize = 2_500;
+    const REGISTRATIONS: usize = ROUNDS * PER_ROUND;
     let mut platform = Platform::start().await;
     let pool = platform.database.pool().await;
     let client = reqwest::Client::new();
     let url = Arc::new(format!("{}/v1/users", platform.gateway_url));
-    let burst = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            stream::iter(0..REGISTRATIONS)
-                .map(|index| {
-                    let (client, url) = (client.clone(), url.clone());
-                    async move {
-                        let (email, name) = (format!("u{index}@example.com"), format!("U {index}"));
-                        support::register_retrying(&client, &url, &email, &name).await;
-                    }
-                })
-                .buffer_unordered(16)
-                .collect::<Vec<()>>()
-                .await
-        }
-    });
-    // Kill at pseudo-random moments while the projector is applying: after each restart, wait
-    // until it makes progress again (a restarted instance gets its partitions once the killed
-    // one's group session expired), then kill it after a pause taken from the clock.
+    // Each round registers a burst and kills the projector once while the burst runs, after it
+    // made progress and a pause taken from the clock: every kill lands mid-stream, however fast
+    // the machine is.
     let mut kills = Vec::new();
-    while !burst.is_finished() && kills.len() < 5 {
+    let assigned = r#"keel_projector_assigned_partitions{projection="users"}"#;
+    for round in 0..ROUNDS {
+        let platform_ref = &platform;
+        eventually(Duration::from_secs(30), "the projector to own every partition", || async move {
+            (platform_ref.metric(Role::Projector, assigned).await == Some(8.0)).then_some(())
+        })
+        .await;
+        let burst = tokio::spawn({
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                stream::iter(round * PER_ROUND..(round + 1) * PER_ROUND)
+                    .map(|index| {
+                        let (client, url) = (client.clone(), url.clone());
+                        async move {
+                            let (email, name) = (format!("u{index}@example.com"), format!("U {index}"));
+                            support::register_retrying(&client, &url, &email, &name).await;
+                        }
+                    })
+                    .buffer_unordered(32)
+                    .collect::<Vec<()>>()
+                    .await
+            }
+        });
         let before = count(&pool, "users").await;
         eventually(Duration::from_secs(60), "the projector to make progress", || async {
             (count(&pool, "users").await > before).then_some(())
         })
         .await;
         let pause =
-            50 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 700);
+            20 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 300);
         tokio::time::sleep(Duration::from_millis(u64::from(pause))).await;
+        let running = !burst.is_finished();
         kills.push(count(&pool, "users").await);
         platform.kill9(Role::Projector);
+        assert!(running, "round {round}: the kill landed while the burst was still running");
         platform.spawn(Role::Projector);
         platform.wait_ready(Role::Projector, Duration::from_secs(30)).await;
+        burst.await.unwrap();
     }
-    burst.await.unwrap();
     eprintln!("projector killed {} times, with {kills:?} users projected", kills.len());
-    assert!(kills.len() >= 3, "the burst outlived at least three kills");
-    assert!(kills.iter().any(|seen| *seen > 0 && *seen < REGISTRATIONS as i64), "{kills:?}");
+    assert!(kills.iter().all(|seen| *seen > 0 && *seen < REGISTRATIONS as i64), "{kills:?}");
 
     wait_for_users(&pool, REGISTRATIONS as i64).await;
     eventually(Duration::from_secs(60), "every audit entry", || async {
