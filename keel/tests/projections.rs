@@ -383,3 +383,29 @@ async fn a_rebuild_from_a_time_applies_only_the_records_since_then() {
     assert_eq!(ids, late, "only the registrations since the start time are applied");
     platform.keel_ok(&["audit", "verify"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_outage_delays_projections_and_dead_letters_nothing() {
+    let mut platform = Platform::start().await;
+    let pool = platform.database.pool().await;
+    let client = reqwest::Client::new();
+    // The identity service caches the schema id of what it writes; a restarted projector has
+    // nothing cached and must ask the registry.
+    platform.register(&client, "before@example.com", "Before").await;
+    wait_for_users(&pool, 1).await;
+    // The registry answers 500 while its storage fails (here: its table is gone).
+    sqlx::query("ALTER TABLE registry_schemas RENAME TO registry_schemas_away").execute(&pool).await.unwrap();
+    platform.kill9(Role::Projector);
+    platform.spawn(Role::Projector);
+    platform.wait_ready(Role::Projector, Duration::from_secs(30)).await;
+    for index in 0..3 {
+        platform.register(&client, &format!("during{index}@example.com"), "During").await;
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(count(&pool, "users").await, 1, "nothing is applied while the schema cannot be fetched");
+    assert_eq!(platform.keel_ok(&["projections", "dlq", "list"]).trim(), "", "and nothing is dead-lettered");
+
+    sqlx::query("ALTER TABLE registry_schemas_away RENAME TO registry_schemas").execute(&pool).await.unwrap();
+    wait_for_users(&pool, 4).await;
+    assert_eq!(platform.keel_ok(&["projections", "dlq", "list"]).trim(), "");
+}

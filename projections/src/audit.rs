@@ -160,6 +160,19 @@ impl Projection for AuditProjection {
         let heads_table = tables.name("audit_chain_heads");
         let topics: Vec<&str> = commits.iter().map(|commit| commit.topic_name.as_str()).collect();
         let partitions: Vec<i32> = commits.iter().map(|commit| commit.partition).collect();
+        // One writer per chain at a time (a dead-letter retry may run next to a live batch),
+        // locked in a fixed order.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtext($1 || '/' || topic), partition)
+             FROM (SELECT DISTINCT topic, partition FROM UNNEST($2::text[], $3::int[]) AS k(topic, partition)
+                   ORDER BY topic, partition) AS chains",
+        )
+        .bind(&heads_table)
+        .bind(&topics)
+        .bind(&partitions)
+        .execute(&mut *connection)
+        .await
+        .context("failed to lock the audit chains")?;
         let head_rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT h.topic, h.partition, h.sequence, h.hash FROM {heads_table} h
              JOIN UNNEST($1::text[], $2::int[]) AS k(topic, partition) ON h.topic = k.topic AND h.partition = k.partition"

@@ -191,6 +191,11 @@ async fn apply_again(
         Read::Unreadable { reason } => bail!("still unreadable: {reason}"),
     };
     let mut transaction = pool.begin().await?;
+    // Like a live batch: only into the live version, and never interleaved with a swap.
+    let live = crate::store::live_version(&mut transaction, projection.name(), true).await?;
+    if live != Some(version) {
+        bail!("version {version} is no longer live; rebuild or retry against the live version");
+    }
     // Its validation state was accounted for when it was dead-lettered: apply its effects only.
     projection.apply(&mut transaction, Tables::new(version), std::slice::from_ref(&*commit)).await?;
     mark_retried(&mut transaction, letter, None).await?;

@@ -131,30 +131,51 @@ impl Projector {
     /// rebuild swaps and rebalances, until shutdown.
     async fn supervise(self, projection: Arc<dyn Projection>, shutdown: CancellationToken) -> anyhow::Result<()> {
         let name = projection.name();
-        store::ensure_registered(&self.pool, projection.as_ref()).await?;
-        let topics: Vec<String> = projection.topics().iter().map(|topic| self.names.name(*topic)).collect();
+        let mut backoff = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
-            let live = store::live_version(&mut *self.pool.acquire().await?, name, false)
-                .await?
-                .context("a registered projection has a live version")?;
-            // One group per version: after a swap every instance moves to the new version's group.
-            let group = format!("keel-projector.{}{name}.v{live}", self.kafka.topic_prefix);
-            let membership = membership::Membership::join(&self.kafka, &group, &topics)?;
-            let runner = self.runner(projection.clone(), live);
-            match self.follow(&runner, &membership, &shutdown).await? {
-                Exit::Shutdown => break,
-                Exit::Superseded => {
-                    tracing::info!(projection = name, previous = live, "a new version is live; following it");
-                    // A rebuild with no grace period wants the old tables gone now, not at the
-                    // janitor's next round.
-                    if let Err(error) = rebuild::drop_expired(&self.pool, std::slice::from_ref(&projection)).await {
-                        tracing::warn!(error = %format!("{error:#}"), "failed to drop retired projection versions");
+            match self.supervise_live_version(&projection, &shutdown).await {
+                Ok(Exit::Shutdown) => break,
+                Ok(_) => backoff = Duration::from_millis(200),
+                // The database or the broker is down: the projection waits, the projector stays.
+                Err(error) => {
+                    tracing::error!(projection = name, error = %format!("{error:#}"), "projection supervisor failed; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
                     }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
-                Exit::Stopped | Exit::Reassigned => {}
             }
         }
         Ok(())
+    }
+
+    /// Joins the live version's group and follows it until it is superseded or shutdown.
+    async fn supervise_live_version(
+        &self,
+        projection: &Arc<dyn Projection>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Exit> {
+        let name = projection.name();
+        store::ensure_registered(&self.pool, projection.as_ref()).await?;
+        let live = store::live_version(&mut *self.pool.acquire().await?, name, false)
+            .await?
+            .context("a registered projection has a live version")?;
+        let topics: Vec<String> = projection.topics().iter().map(|topic| self.names.name(*topic)).collect();
+        // One group per version: after a swap every instance moves to the new version's group.
+        let group = format!("keel-projector.{}{name}.v{live}", self.kafka.topic_prefix);
+        let membership = membership::Membership::join(&self.kafka, &group, &topics)?;
+        let runner = self.runner(projection.clone(), live);
+        let exit = self.follow(&runner, &membership, shutdown).await?;
+        if exit == Exit::Superseded {
+            tracing::info!(projection = name, previous = live, "a new version is live; following it");
+            // A rebuild with no grace period wants the old tables gone now, not at the janitor's
+            // next round.
+            if let Err(error) = rebuild::drop_expired(&self.pool, std::slice::from_ref(projection)).await {
+                tracing::warn!(error = %format!("{error:#}"), "failed to drop retired projection versions");
+            }
+        }
+        Ok(exit)
     }
 
     /// Runs `runner` on the partitions `membership` assigns, until shutdown or another version is

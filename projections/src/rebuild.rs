@@ -220,6 +220,16 @@ async fn try_swap(
         .fetch_one(&mut *transaction)
         .await
         .context("the projection has no live version")?;
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM projection_versions WHERE name = $1 AND version = $2 FOR UPDATE")
+            .bind(name)
+            .bind(runner.version)
+            .fetch_optional(&mut *transaction)
+            .await?;
+    if state.as_deref() != Some("building") {
+        tracing::warn!(projection = name, version = runner.version, "the version is no longer building");
+        return Ok(None);
+    }
     let live_checkpoints = store::checkpoints(&mut transaction, name, live).await?;
     let mut next = worker.checkpoints.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -237,7 +247,9 @@ async fn try_swap(
         for message in &batch {
             reads.push(worker.read(message).await?);
         }
-        if worker.apply_in(&mut transaction, &batch, &reads, &mut next, false).await?.is_none() {
+        if let crate::runner::Applied::Stop(_) =
+            worker.apply_in(&mut transaction, &batch, &reads, &mut next, false).await?
+        {
             return Ok(None);
         }
     }
@@ -260,7 +272,13 @@ async fn try_swap(
         .bind(runner.version)
         .execute(&mut *transaction)
         .await?;
-    store::point_views(&mut transaction, runner.projection.as_ref(), runner.tables()).await?;
+    // Repointing a view waits for the queries reading it; rather than stall every new reader
+    // behind a long one, give up after a while and swap later.
+    sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
+    if let Err(error) = store::point_views(&mut transaction, runner.projection.as_ref(), runner.tables()).await {
+        tracing::warn!(projection = name, error = %format!("{error:#}"), "could not repoint the views yet; retrying");
+        return Ok(None);
+    }
     transaction.commit().await.context("failed to commit the swap")?;
     worker.checkpoints = next;
     tracing::info!(projection = name, version = runner.version, replaced = live, "projection version is live");

@@ -92,6 +92,13 @@ pub(crate) enum Batch {
     Stopped,
 }
 
+/// What applying a batch inside a transaction came to.
+pub(crate) enum Applied {
+    Events(u64),
+    /// The poison policy stops the projection, for this reason.
+    Stop(String),
+}
+
 /// The guard a batch transaction takes on the catalogue.
 #[derive(Clone, Copy)]
 pub(crate) enum Guard {
@@ -271,9 +278,14 @@ impl Worker<'_> {
             }
             Err(error) => return Err(error),
         };
-        let Some(events) = outcome else {
-            transaction.rollback().await.ok();
-            return Ok(Batch::Stopped);
+        let events = match outcome {
+            Applied::Events(events) => events,
+            Applied::Stop(error) => {
+                transaction.rollback().await.ok();
+                store::record_error(&runner.pool, name, runner.version, &error, true).await?;
+                tracing::error!(projection = name, error = %error, "projection stopped by its poison policy");
+                return Ok(Batch::Stopped);
+            }
         };
         transaction.commit().await.context("failed to commit a batch")?;
         self.checkpoints = next;
@@ -303,8 +315,7 @@ impl Worker<'_> {
 
     /// Validates and applies `reads` inside `connection`'s transaction and advances `next`.
     /// With `isolate`, every commit gets a savepoint and the ones that fail are dead-lettered
-    /// (or, under the stop policy, the batch is abandoned: `Ok(None)`). Returns the number of
-    /// events applied.
+    /// (or, under the stop policy, the batch is to be abandoned: [`Applied::Stop`]).
     pub async fn apply_in(
         &mut self,
         connection: &mut PgConnection,
@@ -312,7 +323,7 @@ impl Worker<'_> {
         reads: &[Read],
         next: &mut BTreeMap<PartitionKey, i64>,
         isolate: bool,
-    ) -> anyhow::Result<Option<u64>> {
+    ) -> anyhow::Result<Applied> {
         let runner = self.runner;
         let name = runner.projection.name();
         let keys: Vec<(String, Uuid)> = reads
@@ -378,12 +389,15 @@ impl Worker<'_> {
         }
         if !poison.is_empty() {
             if runner.settings.poison == PoisonPolicy::Stop {
+                // Recorded by the caller after rolling back: this transaction may hold a lock on
+                // the very row the error is written to.
                 let (message, reason) = &poison[0];
-                let error =
-                    format!("stopped at {}/{}@{}: {reason}", message.topic(), message.partition(), message.offset());
-                store::record_error(&runner.pool, name, runner.version, &error, true).await?;
-                tracing::error!(projection = name, error = %error, "projection stopped by its poison policy");
-                return Ok(None);
+                return Ok(Applied::Stop(format!(
+                    "stopped at {}/{}@{}: {reason}",
+                    message.topic(),
+                    message.partition(),
+                    message.offset()
+                )));
             }
             for (message, reason) in &poison {
                 runner.dead_letters.publish(connection, name, runner.version, message, reason).await?;
@@ -410,7 +424,7 @@ impl Worker<'_> {
             .filter(|(message, _)| !poisoned.contains(&(message.topic(), message.partition(), message.offset())))
             .map(|(_, commit)| commit.header.events.len() as u64)
             .sum();
-        Ok(Some(events))
+        Ok(Applied::Events(events))
     }
 
     pub async fn read(&self, message: &OwnedMessage) -> anyhow::Result<Read> {

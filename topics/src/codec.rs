@@ -38,11 +38,14 @@ impl CodecError {
 
 impl From<SRCError> for CodecError {
     fn from(error: SRCError) -> Self {
-        let message = match &error.cause {
-            Some(cause) => format!("{}: {cause}", error.error),
-            None => error.error.clone(),
-        };
-        Self::Registry { message, retriable: error.retriable }
+        Self::Registry { message: describe(&error), retriable: error.retriable }
+    }
+}
+
+fn describe(error: &SRCError) -> String {
+    match &error.cause {
+        Some(cause) => format!("{}: {cause}", error.error),
+        None => error.error.clone(),
     }
 }
 
@@ -109,7 +112,23 @@ impl SchemaRegistryCodec {
     }
 
     /// Decodes a commit value of `topic`, resolving every event against the reader schema.
+    ///
+    /// A record is only ever declared unreadable for what it is, never for a registry failure:
+    /// the writer schema is fetched first, and any failure to get it (an unreachable registry, a
+    /// 500, an id it does not know) is retriable. The client caches failed look-ups, so they are
+    /// cleared before the caller retries.
     pub async fn decode(&self, topic: Topic, payload: &[u8]) -> Result<Decoded, CodecError> {
+        let id = match payload {
+            [0, a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
+            _ => return Err(CodecError::Shape("not in the Confluent wire format".into())),
+        };
+        if let Err(error) = self.decoder.get_schema(id).await {
+            self.decoder.remove_errors_from_cache();
+            return Err(CodecError::Registry {
+                message: format!("schema {id}: {}", describe(&error)),
+                retriable: true,
+            });
+        }
         let decoded = self
             .decoder
             .decode_with_schema(Some(payload))

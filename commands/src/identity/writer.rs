@@ -78,7 +78,10 @@ impl Writer {
             .until_current_end(&start)
             .await?;
         while let Some(message) = reader.next().await? {
-            let header = CommitHeader::from_headers(message.headers().ok_or_else(|| anyhow::anyhow!("no headers"))?);
+            let header = match message.headers() {
+                Some(headers) => CommitHeader::from_headers(headers),
+                None => Err(keel_topics::EnvelopeError::Missing("headers")),
+            };
             let payload = message.payload().unwrap_or_default();
             let decoded = match header {
                 Ok(header) => match self.codec.decode(Topic::IdentityUsers, payload).await {
@@ -110,6 +113,19 @@ impl Writer {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Registration>) -> anyhow::Result<()> {
         let mut deferred = VecDeque::new();
         loop {
+            // After an append with an unknown outcome nothing is decided until the state has
+            // caught up with the log: retry on its own, callers are refused meanwhile.
+            let mut backoff = std::time::Duration::from_millis(200);
+            while !self.in_sync.load(Ordering::Acquire) {
+                match self.catch_up().await {
+                    Ok(()) => self.in_sync.store(true, Ordering::Release),
+                    Err(error) => {
+                        tracing::error!(error = %format!("{error:#}"), "failed to catch up with the log; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }
+            }
             if deferred.is_empty() {
                 match commands.recv().await {
                     Some(registration) => deferred.push_back(registration),
@@ -126,15 +142,6 @@ impl Writer {
             let postponed = self.process(batch).await;
             for registration in postponed.into_iter().rev() {
                 deferred.push_front(registration);
-            }
-            if !self.in_sync.load(Ordering::Acquire) {
-                match self.catch_up().await {
-                    Ok(()) => self.in_sync.store(true, Ordering::Release),
-                    Err(error) => {
-                        tracing::error!(error = %format!("{error:#}"), "failed to catch up with the log");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
             }
         }
     }
@@ -177,13 +184,19 @@ impl Writer {
         }
         let appends = decided.into_iter().map(|pending| self.append(pending));
         let outcomes = join_all(appends).await;
-        if outcomes.iter().any(|(_, outcome)| outcome.is_err()) {
+        // If any append failed, its record may or may not be in the log, possibly below an
+        // acknowledged one: apply nothing of this batch and re-read the log from before it.
+        let any_failed = outcomes.iter().any(|(_, outcome)| outcome.is_err());
+        if any_failed {
             self.replace_producer_if_fatal();
+            self.in_sync.store(false, Ordering::Release);
         }
         for (pending, outcome) in outcomes {
             match outcome {
                 Ok((partition, offset)) => {
-                    self.state.apply(partition, offset, &pending.header, &pending.events);
+                    if !any_failed {
+                        self.state.apply(partition, offset, &pending.header, &pending.events);
+                    }
                     let accepted = Accepted {
                         aggregate_id: pending.header.aggregate_id,
                         version: pending.header.version_after(),
@@ -193,7 +206,6 @@ impl Writer {
                 }
                 Err(error) => {
                     tracing::error!(error = %error, command_id = %pending.header.command_id, "append failed; outcome unknown");
-                    self.in_sync.store(false, Ordering::Release);
                     answer(pending.registration, Err(error));
                 }
             }
@@ -211,7 +223,6 @@ impl Writer {
             Ok(producer) => self.producer = producer,
             Err(error) => tracing::error!(error = %format!("{error:#}"), "failed to create a new producer"),
         }
-        self.in_sync.store(false, Ordering::Release);
     }
 
     async fn append(&self, pending: Pending) -> (Pending, Result<(i32, i64), CommandError>) {
