@@ -3,10 +3,7 @@
 use keel_commands::identity::IdentityConfig;
 use keel_gateway::GatewayConfig;
 use keel_projections::ProjectorConfig;
-use keel_runtime::{
-    ConfigError, DatabaseConfig, KafkaConfig, LogConfig, ShutdownConfig,
-    config::{LogFormat, ensure},
-};
+use keel_runtime::{ConfigError, DatabaseConfig, KafkaConfig, LogConfig, ShutdownConfig, config::ensure};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,18 +67,9 @@ impl KeelConfig {
         ensure(!self.kafka.bootstrap_servers.trim().is_empty(), "kafka.bootstrap_servers", "must not be empty")?;
         ensure(self.topics.replication_factor > 0, "topics.replication_factor", "must be positive")?;
         ensure(self.schema_registry.url.starts_with("http"), "schema_registry.url", "must be an http(s) URL")?;
-        ensure(
-            tracing_subscriber_filter_ok(&self.log.filter),
-            "log.filter",
-            "must be a tracing filter directive such as `info,keel=debug`",
-        )?;
-        let _: LogFormat = self.log.format;
+        self.log.validate()?;
         self.identity.validate()?;
         self.projector.validate()?;
         self.gateway.validate()
     }
-}
-
-fn tracing_subscriber_filter_ok(filter: &str) -> bool {
-    !filter.trim().is_empty()
 }

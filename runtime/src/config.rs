@@ -186,6 +186,16 @@ impl Default for LogConfig {
     }
 }
 
+impl LogConfig {
+    /// The filter must parse as the directive `tracing` will use.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        tracing_subscriber::EnvFilter::try_new(&self.filter).map(|_| ()).map_err(|error| ConfigError::Invalid {
+            path: "log.filter".into(),
+            reason: format!("not a tracing filter directive such as `info,keel=debug`: {error}"),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -309,6 +319,13 @@ mod tests {
         let sources = ConfigSources { file: None, environment: env(&[("KEEL_DATABASE__MAX_CONNECTIONS", "many")]) };
         let error = sources.load::<Tree>().unwrap_err().to_string();
         assert!(error.contains("KEEL_DATABASE__MAX_CONNECTIONS"), "{error}");
+    }
+
+    #[test]
+    fn log_filters_must_parse() {
+        assert!(LogConfig { filter: "info,keel=debug".into(), ..LogConfig::default() }.validate().is_ok());
+        let error = LogConfig { filter: "info,keel=loud".into(), ..LogConfig::default() }.validate().unwrap_err();
+        assert!(error.to_string().contains("log.filter"), "{error}");
     }
 
     #[test]
