@@ -11,7 +11,7 @@ use anyhow::Context;
 use keel_runtime::KafkaConfig;
 use rdkafka::{
     ClientContext, Offset, Statistics, TopicPartitionList,
-    consumer::{Consumer, ConsumerContext, StreamConsumer},
+    consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer},
     message::{Message, OwnedMessage},
 };
 
@@ -44,6 +44,9 @@ impl ConsumerContext for WatermarkContext {}
 /// Reads assigned partitions of one or more topics, without consumer-group offsets.
 pub struct PartitionReader {
     consumer: StreamConsumer<WatermarkContext>,
+    /// Watermark queries on a handle of their own: on the consuming one they wait behind its
+    /// long-polling fetches, up to `fetch.wait.max.ms` each.
+    queries: BaseConsumer,
     watermarks: WatermarkContext,
     assigned: Vec<PartitionKey>,
     /// For a bounded read: the offset each partition must reach (its high watermark at start).
@@ -87,7 +90,8 @@ impl PartitionReader {
             assignment.add_partition_offset(&key.0, key.1, offset).context("invalid partition offset")?;
         }
         consumer.assign(&assignment).context("failed to assign partitions")?;
-        Ok(Self { consumer, watermarks, assigned: partitions, until: None })
+        let queries = client_config(config).create().context("failed to create a Kafka query client")?;
+        Ok(Self { consumer, queries, watermarks, assigned: partitions, until: None })
     }
 
     /// Makes this reader stop at the current end of the log: [`Self::next`] returns `None` once
@@ -115,7 +119,7 @@ impl PartitionReader {
 
     /// The low and high watermarks of one partition, asked of the broker.
     pub async fn watermarks(&self, topic: &str, partition: i32) -> anyhow::Result<(i64, i64)> {
-        tokio::task::block_in_place(|| self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)))
+        tokio::task::block_in_place(|| self.queries.fetch_watermarks(topic, partition, Duration::from_secs(10)))
             .with_context(|| format!("failed to fetch watermarks of {topic}/{partition}"))
     }
 
