@@ -6,15 +6,10 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use futures::{StreamExt, stream};
-use sqlx::PgPool;
-use support::{Platform, Role, eventually};
+use support::{Platform, Role, count, eventually};
 
 const REGISTRATIONS: usize = 1_000;
 const CONCURRENCY: usize = 16;
-
-async fn count(pool: &PgPool, table: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(pool).await.unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_projector_loses_and_doubles_nothing() {

@@ -37,10 +37,6 @@ impl Tables {
         Self { version }
     }
 
-    pub fn version(&self) -> i32 {
-        self.version
-    }
-
     /// The physical name of a table of this version. Names come from code, never from input.
     pub fn name(&self, table: &str) -> String {
         format!("{table}_v{}", self.version)

@@ -18,10 +18,6 @@ pub struct IdentityState {
 }
 
 impl IdentityState {
-    pub fn user(&self, id: UserId) -> Option<&(StreamState, User)> {
-        self.users.get(&id)
-    }
-
     pub fn email_owner(&self, email: &Email) -> Option<UserId> {
         self.emails.get(email).copied()
     }

@@ -151,12 +151,6 @@ impl Writer {
     /// independent of the others and a failed append cannot invalidate an acknowledged one.
     async fn process(&mut self, batch: Vec<Registration>) -> Vec<Registration> {
         metrics::histogram!("keel_command_batch_size", "service" => "identity").record(batch.len() as f64);
-        if !self.in_sync.load(Ordering::Acquire) {
-            for registration in batch {
-                answer(registration, Err(CommandError::Unavailable("the service is catching up with the log".into())));
-            }
-            return Vec::new();
-        }
         let mut claimed = HashSet::new();
         let mut postponed = Vec::new();
         let mut decided = Vec::new();
