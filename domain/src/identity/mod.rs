@@ -3,5 +3,7 @@
 mod user;
 mod values;
 
-pub use user::{RegisterUser, User, UserCommand, UserError, UserEvent, UserRegistered};
+pub use user::{
+    ChangeDisplayName, DisplayNameChanged, RegisterUser, User, UserCommand, UserError, UserEvent, UserRegistered,
+};
 pub use values::{DisplayName, Email, InvalidValue, UserId};

@@ -18,7 +18,8 @@ impl InvalidValue {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct UserId(Uuid);
 
 impl UserId {
@@ -48,8 +49,9 @@ impl fmt::Display for UserId {
 }
 
 /// An email address, trimmed and lower-cased, so that two spellings of one mailbox are one
-/// address for uniqueness.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// address for uniqueness. Deserializing parses, so a stored value is checked like an input.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Email(String);
 
 impl Email {
@@ -103,7 +105,8 @@ impl fmt::Display for Email {
 }
 
 /// The name a user shows to others: trimmed, 1 to 100 characters, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct DisplayName(String);
 
 impl DisplayName {
@@ -134,6 +137,26 @@ impl fmt::Display for DisplayName {
         f.write_str(&self.0)
     }
 }
+
+macro_rules! string_conversions {
+    ($($value:ident),*) => {$(
+        impl From<$value> for String {
+            fn from(value: $value) -> Self {
+                value.0
+            }
+        }
+
+        impl TryFrom<String> for $value {
+            type Error = InvalidValue;
+
+            fn try_from(value: String) -> Result<Self, InvalidValue> {
+                Self::parse(&value)
+            }
+        }
+    )*};
+}
+
+string_conversions!(Email, DisplayName);
 
 #[cfg(test)]
 mod tests {
