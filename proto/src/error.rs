@@ -6,12 +6,16 @@ use tonic::Code;
 pub enum ErrorCode {
     InvalidArgument,
     NotFound,
-    /// The command conflicts with the current state (duplicate, stale version).
+    /// The domain refused the command against the current state (e.g. the email is taken).
     Conflict,
+    /// The command was decided against a version that is no longer current (`If-Match`).
+    VersionConflict,
     Unauthenticated,
     PermissionDenied,
-    /// Overloaded or rate limited; the caller may retry later.
-    ResourceExhausted,
+    /// The caller sent too many requests (the gateway's own limits); retry later.
+    RateLimited,
+    /// A service's queues are full; retry later. Services send it as RESOURCE_EXHAUSTED.
+    Overloaded,
     /// A dependency is down or the outcome is unknown; safe to retry with the same command id.
     Unavailable,
     DeadlineExceeded,
@@ -24,9 +28,10 @@ impl ErrorCode {
             Self::InvalidArgument => Code::InvalidArgument,
             Self::NotFound => Code::NotFound,
             Self::Conflict => Code::AlreadyExists,
+            Self::VersionConflict => Code::Aborted,
             Self::Unauthenticated => Code::Unauthenticated,
             Self::PermissionDenied => Code::PermissionDenied,
-            Self::ResourceExhausted => Code::ResourceExhausted,
+            Self::RateLimited | Self::Overloaded => Code::ResourceExhausted,
             Self::Unavailable => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Internal => Code::Internal,
@@ -37,10 +42,12 @@ impl ErrorCode {
         match code {
             Code::InvalidArgument | Code::OutOfRange => Self::InvalidArgument,
             Code::NotFound => Self::NotFound,
-            Code::AlreadyExists | Code::Aborted | Code::FailedPrecondition => Self::Conflict,
+            Code::AlreadyExists | Code::FailedPrecondition => Self::Conflict,
+            Code::Aborted => Self::VersionConflict,
             Code::Unauthenticated => Self::Unauthenticated,
             Code::PermissionDenied => Self::PermissionDenied,
-            Code::ResourceExhausted => Self::ResourceExhausted,
+            // Between services, RESOURCE_EXHAUSTED means a full queue, never a client's limit.
+            Code::ResourceExhausted => Self::Overloaded,
             Code::Unavailable | Code::Cancelled => Self::Unavailable,
             Code::DeadlineExceeded => Self::DeadlineExceeded,
             Code::Ok | Code::Unknown | Code::Unimplemented | Code::Internal | Code::DataLoss => Self::Internal,
@@ -51,11 +58,11 @@ impl ErrorCode {
         match self {
             Self::InvalidArgument => 422,
             Self::NotFound => 404,
-            Self::Conflict => 409,
+            Self::Conflict | Self::VersionConflict => 409,
             Self::Unauthenticated => 401,
             Self::PermissionDenied => 403,
-            Self::ResourceExhausted => 429,
-            Self::Unavailable => 503,
+            Self::RateLimited => 429,
+            Self::Overloaded | Self::Unavailable => 503,
             Self::DeadlineExceeded => 504,
             Self::Internal => 500,
         }
@@ -67,9 +74,11 @@ impl ErrorCode {
             Self::InvalidArgument => "invalid-argument",
             Self::NotFound => "not-found",
             Self::Conflict => "conflict",
+            Self::VersionConflict => "version-conflict",
             Self::Unauthenticated => "unauthenticated",
             Self::PermissionDenied => "permission-denied",
-            Self::ResourceExhausted => "resource-exhausted",
+            Self::RateLimited => "rate-limited",
+            Self::Overloaded => "overloaded",
             Self::Unavailable => "unavailable",
             Self::DeadlineExceeded => "deadline-exceeded",
             Self::Internal => "internal",
@@ -92,14 +101,22 @@ mod tests {
             ErrorCode::InvalidArgument,
             ErrorCode::NotFound,
             ErrorCode::Conflict,
+            ErrorCode::VersionConflict,
             ErrorCode::Unauthenticated,
             ErrorCode::PermissionDenied,
-            ErrorCode::ResourceExhausted,
+            ErrorCode::Overloaded,
             ErrorCode::Unavailable,
             ErrorCode::DeadlineExceeded,
             ErrorCode::Internal,
         ] {
             assert_eq!(ErrorCode::from_grpc(code.grpc_code()), code);
         }
+    }
+
+    #[test]
+    fn a_rate_limit_is_the_gateways_own_and_comes_back_as_overload_between_services() {
+        assert_eq!(ErrorCode::RateLimited.http_status(), 429);
+        assert_eq!(ErrorCode::from_grpc(ErrorCode::RateLimited.grpc_code()), ErrorCode::Overloaded);
+        assert_eq!(ErrorCode::Overloaded.http_status(), 503);
     }
 }
