@@ -8,7 +8,6 @@
 
 pub mod audit;
 pub mod dead_letters;
-mod membership;
 mod projection;
 pub mod rebuild;
 mod runner;
@@ -164,7 +163,7 @@ impl Projector {
         let topics: Vec<String> = projection.topics().iter().map(|topic| self.names.name(*topic)).collect();
         // One group per version: after a swap every instance moves to the new version's group.
         let group = format!("keel-projector.{}{name}.v{live}", self.kafka.topic_prefix);
-        let membership = membership::Membership::join(&self.kafka, &group, &topics)?;
+        let membership = keel_topics::membership::Membership::join(&self.kafka, &group, &topics)?;
         let runner = self.runner(projection.clone(), live);
         let exit = self.follow(&runner, &membership, shutdown).await?;
         if exit == Exit::Superseded {
@@ -183,7 +182,7 @@ impl Projector {
     async fn follow(
         &self,
         runner: &Runner,
-        membership: &membership::Membership,
+        membership: &keel_topics::membership::Membership,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Exit> {
         let name = runner.projection.name();

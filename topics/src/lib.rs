@@ -10,6 +10,8 @@ pub mod codec;
 pub mod envelope;
 pub mod identity;
 pub mod kafka;
+pub mod membership;
+pub mod partitioning;
 pub mod reader;
 pub mod validation;
 

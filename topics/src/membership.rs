@@ -1,10 +1,12 @@
-//! Splitting a projection's partitions among projector instances with a Kafka consumer group.
+//! Splitting a topic's partitions among the instances of a service with a Kafka consumer group:
+//! projector instances split a projection's partitions, command-service instances split the
+//! partitions they write.
 //!
 //! The group only assigns: every assigned partition is paused at once, nothing is read through
 //! the group and no offset is ever committed to it. Each instance reads its partitions with its
-//! own reader from the checkpoints in PostgreSQL, which stay the truth; a checkpoint moves by
-//! compare-and-set, so two instances that briefly both hold a partition during a rebalance can
-//! never both apply its records.
+//! own reader from positions it keeps itself (projection checkpoints, command snapshots). Two
+//! instances may briefly both hold a partition during a rebalance; what they write stays correct
+//! by other means (compare-and-set checkpoints, the deterministic validation rule).
 
 use std::{
     sync::{
@@ -14,9 +16,9 @@ use std::{
     time::Duration,
 };
 
+use crate::{kafka::client_config, reader::PartitionKey};
 use anyhow::Context;
 use keel_runtime::KafkaConfig;
-use keel_topics::{kafka::client_config, reader::PartitionKey};
 use rdkafka::{
     ClientContext,
     consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance},
@@ -53,7 +55,7 @@ impl ConsumerContext for MembershipContext {
     }
 }
 
-/// This instance's membership in a projection version's group. Leaves the group when dropped.
+/// This instance's membership in a group. Leaves the group when dropped.
 pub struct Membership {
     assigned: watch::Receiver<Vec<PartitionKey>>,
     running: Arc<AtomicBool>,
@@ -74,7 +76,7 @@ impl Membership {
             .create_with_context(MembershipContext { assigned: assigned_tx })
             .context("failed to create the group membership consumer")?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).context("failed to join the projector group")?;
+        consumer.subscribe(&topics).with_context(|| format!("failed to join the group {group}"))?;
         let running = Arc::new(AtomicBool::new(true));
         // librdkafka runs rebalances and heartbeats from poll: a thread of its own keeps polling.
         let poller = std::thread::Builder::new().name(format!("membership {group}")).spawn({
