@@ -127,6 +127,10 @@ fn set_path(tree: &mut Value, variable: &str, key: &str, raw: String) -> Result<
     })?;
     let last = segments.last().expect("split yields at least one segment");
     let typed = match object.get(last) {
+        // A list may also be written plainly, comma-separated: `a,b` for `["a", "b"]`.
+        Some(Value::Array(_)) if !raw.trim_start().starts_with('[') => {
+            Value::Array(raw.split(',').map(str::trim).filter(|item| !item.is_empty()).map(Value::from).collect())
+        }
         Some(Value::Number(_) | Value::Bool(_) | Value::Array(_) | Value::Object(_)) => serde_json::from_str(&raw)
             .map_err(|error| ConfigError::Environment {
                 variable: variable.to_owned(),
@@ -270,6 +274,7 @@ mod tests {
     struct Tree {
         database: DatabaseConfig,
         kafka: KafkaConfig,
+        endpoints: Vec<String>,
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -299,6 +304,14 @@ mod tests {
         assert_eq!(tree.database.password.unwrap().expose(), "s3cret");
         assert_eq!(tree.kafka.properties["sasl.mechanism"], "PLAIN");
         assert_eq!(tree.kafka.bootstrap_servers, "127.0.0.1:9092");
+    }
+
+    #[test]
+    fn lists_come_from_the_environment_as_json_or_comma_separated() {
+        for raw in ["http://a:1, http://b:2", r#"["http://a:1","http://b:2"]"#] {
+            let sources = ConfigSources { file: None, environment: env(&[("KEEL_ENDPOINTS", raw)]) };
+            assert_eq!(sources.load::<Tree>().unwrap().endpoints, ["http://a:1", "http://b:2"], "{raw}");
+        }
     }
 
     #[test]
