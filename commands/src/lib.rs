@@ -1,9 +1,11 @@
-//! Command services: each owns an aggregate type's topic, rebuilds its state from the log,
-//! decides commands against it and appends one commit per command.
+//! Command services: each owns an aggregate type's topic. Instances split its partitions; the
+//! owner of a partition rebuilds its state (snapshot and tail), decides commands against it and
+//! appends one commit per command, acknowledged only once the commit is valid in the log.
 
 #![forbid(unsafe_code)]
 
+pub mod engine;
 pub mod identity;
 mod outcome;
 
-pub use outcome::{Accepted, CommandError, CommandMeta};
+pub use outcome::{Accepted, CURRENT_VERSION_KEY, CommandError, CommandMeta};

@@ -13,12 +13,17 @@ pub struct CommandMeta {
     pub traceparent: Option<String>,
 }
 
-/// A command whose commit the broker acknowledged.
+/// A command that holds: its commit is in the log (acknowledged by the broker and valid by the
+/// shared rule), or it decided no event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     pub aggregate_id: Uuid,
+    /// The aggregate's version after the command.
     pub version: u64,
-    pub position: Position,
+    /// Where the commit is; `None` when the command decided no event.
+    pub position: Option<Position>,
+    /// The command id had been applied before: this is that first result, nothing was appended.
+    pub replayed: bool,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -28,6 +33,11 @@ pub enum CommandError {
     /// The domain refused the command; the message is safe to show.
     #[error("{0}")]
     Rejected(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The command was decided against a version that is no longer current.
+    #[error("the aggregate is at version {current}, not the expected one")]
+    VersionConflict { current: u64 },
     /// Too many commands are queued; retry later.
     #[error("the service is overloaded")]
     Overloaded,
@@ -43,17 +53,26 @@ impl CommandError {
         match self {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::Rejected(_) => ErrorCode::Conflict,
-            Self::Overloaded => ErrorCode::ResourceExhausted,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::VersionConflict { .. } => ErrorCode::VersionConflict,
+            Self::Overloaded => ErrorCode::Overloaded,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Internal => ErrorCode::Internal,
         }
     }
 }
 
+/// The metadata key of a version conflict's current version.
+pub const CURRENT_VERSION_KEY: &str = "keel-current-version";
+
 impl From<CommandError> for tonic::Status {
     fn from(error: CommandError) -> Self {
         let code = error.code();
         let message = if code.is_client_facing() { error.to_string() } else { "internal error".to_owned() };
-        tonic::Status::new(code.grpc_code(), message)
+        let mut status = tonic::Status::new(code.grpc_code(), message);
+        if let CommandError::VersionConflict { current } = error {
+            status.metadata_mut().insert(CURRENT_VERSION_KEY, current.into());
+        }
+        status
     }
 }

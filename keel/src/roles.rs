@@ -104,12 +104,14 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 lifecycle.serve_http("registry-http", listener, router);
             }
             Role::Identity => {
+                let pool = database(config, "identity").await?;
                 let grpc = bind(&config.identity.grpc_listen, "identity gRPC").await?;
                 let admin = bind(&config.identity.admin_listen, "identity admin").await?;
                 keel_commands::identity::start(
                     &config.identity,
                     &config.kafka,
                     &config.schema_registry.url,
+                    pool,
                     &mut lifecycle,
                     grpc,
                     admin,

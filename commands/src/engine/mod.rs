@@ -1,0 +1,398 @@
+//! The write path every command service shares.
+//!
+//! Instances of a service split the partitions of its topic through a consumer group
+//! ([`keel_topics::membership`]). For each partition it owns, an instance runs one
+//! [`writer::PartitionWriter`]: it loads the partition (snapshot, then the tail of the log),
+//! then decides queued commands in batches and acknowledges each one only once its commit is
+//! acknowledged by the broker and valid by the shared rule. A command for a partition owned
+//! elsewhere is forwarded to the owner, whose endpoint the [`owners::OwnerDirectory`] knows.
+//! Queues are bounded per partition: a full queue is `Overloaded`, never unbounded memory.
+
+mod owners;
+mod partition;
+mod snapshots;
+mod writer;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use apache_avro::types::Value;
+use keel_domain::{Aggregate, DomainEvent};
+use keel_runtime::{KafkaConfig, ReadinessCheck};
+use keel_topics::{CodecError, Decoded, SchemaRegistryCodec, Topic, kafka, membership::Membership, partitioning};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    producer::{FutureProducer, Producer},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use sqlx::PgPool;
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use owners::OwnerDirectory;
+pub use partition::{CommandResult, Entries, Entry, PartitionState};
+pub use snapshots::SnapshotStore;
+use writer::PartitionWriter;
+
+use crate::{Accepted, CommandError, CommandMeta};
+
+/// What the shared write path needs to know about one aggregate type.
+pub trait Model: Send + Sync + 'static {
+    type State: Aggregate<Event = Self::Event> + Serialize + DeserializeOwned + Send + Sync + 'static;
+    type Event: DomainEvent + Send + Sync + 'static;
+    /// Lookups across the aggregates of a partition that decisions need (e.g. email → user).
+    type Index: Default + Send + Sync + 'static;
+
+    const TOPIC: Topic;
+    /// The service's name in metrics.
+    const SERVICE: &'static str;
+
+    fn encode(events: &[Self::Event]) -> Value;
+    fn decode(decoded: &Decoded) -> Result<Vec<Self::Event>, CodecError>;
+    /// Keeps the index in step with an aggregate that changed from `before` to `after`.
+    fn reindex(index: &mut Self::Index, id: Uuid, before: &Self::State, after: &Self::State);
+}
+
+/// Decides a command against its aggregate's state and the partition's index.
+/// A decision may run more than once: when the state turns out to lag the log, it is decided
+/// again after catching up.
+pub type Decide<M> = Box<
+    dyn Fn(&<M as Model>::State, &<M as Model>::Index) -> Result<Vec<<M as Model>::Event>, CommandError> + Send + Sync,
+>;
+
+/// A command for the engine.
+pub struct Command<M: Model> {
+    pub aggregate_id: Uuid,
+    /// The version the caller decided against (`If-Match`); `None`: the current one.
+    pub expected_version: Option<u64>,
+    pub meta: CommandMeta,
+    /// Keys besides the aggregate id that no other command of the same batch may touch.
+    pub claims: Vec<String>,
+    /// The command's name in metrics.
+    pub name: &'static str,
+    pub decide: Decide<M>,
+}
+
+/// A command queued for a partition's writer.
+pub struct Request<M: Model> {
+    pub aggregate_id: Uuid,
+    pub expected_version: Option<u64>,
+    pub meta: CommandMeta,
+    pub claims: Vec<String>,
+    pub decide: Decide<M>,
+    pub reply: Reply,
+}
+
+/// Where a command's outcome goes.
+pub struct Reply {
+    sender: oneshot::Sender<Result<Accepted, CommandError>>,
+    received: Instant,
+    service: &'static str,
+    command: &'static str,
+}
+
+/// Tuning of the write path.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Commands waiting per partition; beyond it callers get `Overloaded`.
+    pub queue_capacity: usize,
+    /// Commands decided and produced together.
+    pub max_batch: usize,
+    /// Records applied between two snapshots of a partition.
+    pub snapshot_every: u64,
+    /// How long a caller waits for its outcome.
+    pub command_timeout: Duration,
+}
+
+/// How an instance comes to own partitions.
+pub enum Ownership {
+    /// Through a consumer group shared with the other instances: the normal way.
+    Group,
+    /// Every partition, whatever the others do. Test-only: it makes this instance a zombie that
+    /// writes beside the real owners, to show that readers still agree.
+    UnsafeAll,
+}
+
+/// What every partition writer of a service shares.
+struct Shared {
+    kafka: KafkaConfig,
+    topic: String,
+    codec: SchemaRegistryCodec,
+    producer: Mutex<FutureProducer>,
+    /// Watermark queries, on a client of their own.
+    queries: Arc<BaseConsumer>,
+    snapshots: SnapshotStore,
+    settings: Settings,
+}
+
+impl Shared {
+    /// The end of a partition as the broker sees it now.
+    async fn high_watermark(&self, partition: i32) -> anyhow::Result<i64> {
+        let (queries, topic) = (self.queries.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || queries.fetch_watermarks(&topic, partition, Duration::from_secs(5)))
+            .await?
+            .map(|(_, high)| high)
+            .with_context(|| format!("failed to fetch the high watermark of partition {partition}"))
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// An idempotent producer that hit a fatal error (e.g. `OutOfOrderSequenceNumber`) refuses
+    /// every later record: replace it. The writers read their partitions back before trusting
+    /// their state again.
+    fn replace_producer_if_fatal(&self) {
+        let mut producer = self.producer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((code, reason)) = producer.client().fatal_error() else { return };
+        tracing::error!(code = ?code, reason = %reason, "the producer failed fatally; replacing it");
+        metrics::counter!("keel_producer_replacements_total", "topic" => self.topic.clone()).increment(1);
+        match kafka::producer(&self.kafka) {
+            Ok(replacement) => *producer = replacement,
+            Err(error) => tracing::error!(error = %format!("{error:#}"), "failed to create a new producer"),
+        }
+    }
+}
+
+/// Where a command goes.
+pub enum Dispatch {
+    /// This instance owns the partition and decided the command.
+    Done(Result<Accepted, CommandError>),
+    /// Another instance owns the partition: forward the command to its endpoint.
+    Forward(String),
+}
+
+/// The write path of one service in this instance.
+pub struct Engine<M: Model> {
+    shared: Arc<Shared>,
+    partitions: i32,
+    /// The partitions this instance owns and serves, with their writers' queues.
+    writers: RwLock<HashMap<i32, mpsc::Sender<Request<M>>>>,
+    /// The partitions assigned to this instance (`None` before the first assignment).
+    assigned: RwLock<Option<BTreeSet<i32>>>,
+    owners: OwnerDirectory,
+}
+
+impl<M: Model> Engine<M> {
+    /// Registers the topic's schema and sizes the topic; nothing is owned until [`Self::run`].
+    pub async fn new(
+        kafka_config: &KafkaConfig,
+        topic: String,
+        codec: SchemaRegistryCodec,
+        pool: PgPool,
+        endpoint: String,
+        settings: Settings,
+    ) -> anyhow::Result<Self> {
+        let schema_id = codec.register(M::TOPIC).await.context("failed to register the topic's schema")?;
+        tracing::info!(topic = %topic, schema_id, "schema registered");
+        let metadata = kafka::consumer(kafka_config, "keel-commands-metadata")?;
+        let partitions = kafka::partition_count(&metadata, &topic, Duration::from_secs(10)).await? as i32;
+        let shared = Shared {
+            kafka: kafka_config.clone(),
+            topic: topic.clone(),
+            codec,
+            producer: Mutex::new(kafka::producer(kafka_config)?),
+            queries: Arc::new(kafka::client_config(kafka_config).create().context("failed to create a query client")?),
+            snapshots: SnapshotStore::new(pool.clone(), topic.clone()),
+            settings,
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+            partitions,
+            writers: RwLock::new(HashMap::new()),
+            assigned: RwLock::new(None),
+            owners: OwnerDirectory::new(pool, topic, endpoint),
+        })
+    }
+
+    pub fn partition_of(&self, aggregate_id: Uuid) -> i32 {
+        partitioning::partition_of(aggregate_id.to_string().as_bytes(), self.partitions)
+    }
+
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    /// Decides `command` here if this instance owns its partition, or says where to forward it.
+    pub async fn dispatch(&self, command: Command<M>) -> Dispatch {
+        let partition = self.partition_of(command.aggregate_id);
+        let writer = self.writers.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&partition).cloned();
+        match writer {
+            Some(writer) => Dispatch::Done(self.execute(writer, command).await),
+            None => match self.owners.owner(partition).await {
+                Ok(Some(endpoint)) if endpoint != self.owners.endpoint() => Dispatch::Forward(endpoint),
+                Ok(_) => Dispatch::Done(Err(CommandError::Unavailable(format!(
+                    "partition {partition} has no owner right now; retry"
+                )))),
+                Err(error) => {
+                    tracing::error!(error = %format!("{error:#}"), "failed to look up a partition owner");
+                    Dispatch::Done(Err(CommandError::Unavailable("cannot find the partition's owner; retry".into())))
+                }
+            },
+        }
+    }
+
+    async fn execute(&self, writer: mpsc::Sender<Request<M>>, command: Command<M>) -> Result<Accepted, CommandError> {
+        let (sender, outcome) = oneshot::channel();
+        let request = Request {
+            aggregate_id: command.aggregate_id,
+            expected_version: command.expected_version,
+            meta: command.meta,
+            claims: command.claims,
+            decide: command.decide,
+            reply: Reply { sender, received: Instant::now(), service: M::SERVICE, command: command.name },
+        };
+        writer.try_send(request).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => {
+                CommandError::Unavailable("the partition is moving to another owner; retry".into())
+            }
+        })?;
+        tokio::time::timeout(self.shared.settings.command_timeout, outcome)
+            .await
+            .map_err(|_| {
+                CommandError::Unavailable("timed out waiting for the broker; retry with the same command id".into())
+            })?
+            .map_err(|_| CommandError::Unavailable("the partition's writer stopped; retry".into()))?
+    }
+
+    /// Serves the partitions `ownership` gives this instance until `shutdown`, loading each one
+    /// before serving it and letting go of each one it loses.
+    pub async fn run(self: Arc<Self>, ownership: Ownership, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let membership = match ownership {
+            Ownership::Group => {
+                let group = format!("keel-writers.{}", self.shared.topic);
+                Some(Membership::join(&self.shared.kafka, &group, std::slice::from_ref(&self.shared.topic))?)
+            }
+            Ownership::UnsafeAll => {
+                tracing::warn!("writing to every partition regardless of ownership (test-only zombie mode)");
+                None
+            }
+        };
+        let mut changes = membership.as_ref().map(Membership::watch);
+        let mut running: HashMap<i32, CancellationToken> = HashMap::new();
+        let mut tasks = JoinSet::new();
+        // Before the group's first rebalance, "nothing assigned" means "not yet", not "none".
+        let mut rebalanced = membership.is_none();
+        loop {
+            let assigned: BTreeSet<i32> = match &membership {
+                Some(membership) => membership.assigned().into_iter().map(|(_, partition)| partition).collect(),
+                None => (0..self.partitions).collect(),
+            };
+            rebalanced |= !assigned.is_empty();
+            if rebalanced {
+                *self.assigned.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(assigned.clone());
+            }
+            running.retain(|partition, revoked| {
+                let keep = assigned.contains(partition);
+                if !keep {
+                    self.writers.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(partition);
+                    revoked.cancel();
+                }
+                keep
+            });
+            for partition in &assigned {
+                if !running.contains_key(partition) {
+                    let revoked = shutdown.child_token();
+                    running.insert(*partition, revoked.clone());
+                    tasks.spawn(self.clone().own(*partition, revoked, membership.is_some()));
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                changed = async {
+                    match &mut changes {
+                        Some(changes) => changes.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    changed.context("the group membership stopped")?;
+                    rebalanced = true;
+                }
+                Some(finished) = tasks.join_next() => {
+                    if let Err(error) = finished {
+                        tracing::error!(%error, "a partition task failed");
+                    }
+                }
+            }
+        }
+        self.writers.write().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        while tasks.join_next().await.is_some() {}
+        drop(membership);
+        Ok(())
+    }
+
+    /// Owns one partition until `revoked`: loads it (retrying while it stays assigned), then
+    /// serves it, announcing itself as the owner while it does.
+    async fn own(self: Arc<Self>, partition: i32, revoked: CancellationToken, announce: bool) {
+        let mut backoff = Duration::from_millis(200);
+        let writer = loop {
+            let load = PartitionWriter::<M>::load(self.shared.clone(), partition);
+            tokio::select! {
+                () = revoked.cancelled() => return,
+                loaded = load => match loaded {
+                    Ok(writer) => break writer,
+                    Err(error) => {
+                        tracing::error!(partition, error = %format!("{error:#}"), "failed to load a partition; retrying");
+                        tokio::select! {
+                            () = revoked.cancelled() => return,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                },
+            }
+        };
+        let (commands_tx, commands_rx) = mpsc::channel(self.shared.settings.queue_capacity);
+        let served = commands_tx.clone();
+        self.writers.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(partition, commands_tx);
+        if announce && let Err(error) = self.owners.claim(partition).await {
+            // Forwarding to this instance waits for the next claim; its own commands are served.
+            tracing::error!(partition, error = %format!("{error:#}"), "failed to announce partition ownership");
+        }
+        writer.run(commands_rx, revoked).await;
+        {
+            // Revoked while it was being installed: take it out, so commands go to the owner.
+            let mut writers = self.writers.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if writers.get(&partition).is_some_and(|current| current.same_channel(&served)) {
+                writers.remove(&partition);
+            }
+        }
+        drop(served);
+        if announce && let Err(error) = self.owners.release(partition).await {
+            tracing::warn!(partition, error = %format!("{error:#}"), "failed to withdraw partition ownership");
+        }
+    }
+
+    /// Ready once every assigned partition is loaded and served.
+    fn ready(&self) -> Result<(), String> {
+        let assigned = self.assigned.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(assigned) = assigned.as_ref() else { return Err("waiting for a partition assignment".into()) };
+        let writers = self.writers.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let loading: Vec<String> =
+            assigned.iter().filter(|partition| !writers.contains_key(partition)).map(i32::to_string).collect();
+        if loading.is_empty() { Ok(()) } else { Err(format!("loading partitions {}", loading.join(", "))) }
+    }
+}
+
+/// Readiness of a service's write path: its assigned partitions are loaded.
+pub struct EngineCheck<M: Model>(pub Arc<Engine<M>>);
+
+#[async_trait::async_trait]
+impl<M: Model> ReadinessCheck for EngineCheck<M> {
+    fn name(&self) -> &'static str {
+        "partitions"
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        self.0.ready()
+    }
+}

@@ -1,0 +1,65 @@
+//! Which instance owns which partition, so that any instance can forward a command to the owner.
+//!
+//! The consumer group decides ownership; this directory only tells others where the owner
+//! listens. An owner writes its row once it serves the partition and removes it when it lets go.
+//! A row can be stale for a moment (an owner that died): forwarding to it fails, the caller
+//! retries, and the next owner's row replaces it.
+
+use anyhow::Context;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub struct OwnerDirectory {
+    pool: PgPool,
+    topic: String,
+    instance: Uuid,
+    endpoint: String,
+}
+
+impl OwnerDirectory {
+    pub fn new(pool: PgPool, topic: String, endpoint: String) -> Self {
+        Self { pool, topic, instance: Uuid::now_v7(), endpoint }
+    }
+
+    /// Where this instance takes forwarded commands.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub async fn claim(&self, partition: i32) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO command_owners (topic, partition, instance, endpoint, since) VALUES ($1, $2, $3, $4, now())
+             ON CONFLICT (topic, partition) DO UPDATE
+                 SET instance = excluded.instance, endpoint = excluded.endpoint, since = excluded.since",
+        )
+        .bind(&self.topic)
+        .bind(partition)
+        .bind(self.instance)
+        .bind(&self.endpoint)
+        .execute(&self.pool)
+        .await
+        .context("failed to record partition ownership")?;
+        Ok(())
+    }
+
+    /// Removes this instance's row, not a row a newer owner wrote meanwhile.
+    pub async fn release(&self, partition: i32) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM command_owners WHERE topic = $1 AND partition = $2 AND instance = $3")
+            .bind(&self.topic)
+            .bind(partition)
+            .bind(self.instance)
+            .execute(&self.pool)
+            .await
+            .context("failed to withdraw partition ownership")?;
+        Ok(())
+    }
+
+    pub async fn owner(&self, partition: i32) -> anyhow::Result<Option<String>> {
+        sqlx::query_scalar("SELECT endpoint FROM command_owners WHERE topic = $1 AND partition = $2")
+            .bind(&self.topic)
+            .bind(partition)
+            .fetch_optional(&self.pool)
+            .await
+            .context("failed to look up a partition owner")
+    }
+}
