@@ -4,33 +4,47 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod idempotency;
+pub mod identity_client;
 mod observe;
+mod precondition;
 pub mod problem;
 mod users;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use anyhow::Context;
 use axum::{Router, extract::DefaultBodyLimit, routing::get};
-use keel_proto::identity::v1::identity_commands_client::IdentityCommandsClient;
 use keel_runtime::{Health, Lifecycle, ReadinessCheck, postgres::DatabaseCheck};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::problem::Problem;
+use crate::{
+    identity_client::{IdentityClient, IdentityEndpoint},
+    problem::Problem,
+};
 
+/// The `gateway` section of the configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
+    /// The HTTP listen address.
     pub listen: String,
-    /// The identity command service (gRPC).
-    pub identity_endpoint: String,
+    /// Instances of the identity command service (gRPC). Commands start at a different one each
+    /// time and move on to the next while one is unavailable, so list several for failover.
+    pub identity_endpoints: Vec<String>,
     /// Larger request bodies are refused with 413.
     pub max_body_bytes: usize,
-    /// How long a command route waits for its command service.
+    /// How long a command route waits for its command service, retries on other instances
+    /// included.
     pub command_timeout_ms: u64,
 }
 
@@ -38,7 +52,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
-            identity_endpoint: "http://127.0.0.1:50051".into(),
+            identity_endpoints: vec!["http://127.0.0.1:50051".into()],
             max_body_bytes: 64 * 1024,
             command_timeout_ms: 15_000,
         }
@@ -46,45 +60,108 @@ impl Default for GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// Checks what serde cannot: ranges and URLs.
     pub fn validate(&self) -> Result<(), keel_runtime::ConfigError> {
-        keel_runtime::config::ensure(self.max_body_bytes > 0, "gateway.max_body_bytes", "must be positive")?;
-        keel_runtime::config::ensure(
-            self.identity_endpoint.parse::<http::Uri>().is_ok(),
-            "gateway.identity_endpoint",
-            "must be a URL such as http://127.0.0.1:50051",
-        )
+        use keel_runtime::config::ensure;
+        ensure(self.max_body_bytes > 0, "gateway.max_body_bytes", "must be positive")?;
+        ensure(self.command_timeout_ms > 0, "gateway.command_timeout_ms", "must be positive")?;
+        ensure(!self.identity_endpoints.is_empty(), "gateway.identity_endpoints", "must name at least one endpoint")?;
+        for endpoint in &self.identity_endpoints {
+            ensure(
+                is_grpc_url(endpoint),
+                "gateway.identity_endpoints",
+                "every entry must be a URL such as http://127.0.0.1:50051",
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// An absolute http(s) URL: what a tonic endpoint connects to. A bare `host:port` parses as a
+/// URI too, but has no scheme to connect with.
+fn is_grpc_url(text: &str) -> bool {
+    text.parse::<http::Uri>().is_ok_and(|uri| {
+        matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some_and(|host| !host.is_empty())
+    })
 }
 
 /// What handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
-    pub identity: IdentityCommandsClient<Channel>,
+    pub identity: IdentityClient,
 }
 
-/// Readiness: the identity service answers gRPC health checks.
-struct GrpcCheck {
-    name: &'static str,
-    channel: Channel,
+/// Readiness: at least one identity instance answers gRPC health checks, since commands fail
+/// over to whichever does. Which instances answer is the gauge
+/// `keel_gateway_identity_endpoint_up{endpoint}`, and a log line when an instance comes or goes;
+/// when none does, the reason names each with its failure.
+struct IdentityCheck {
+    endpoints: Vec<IdentityEndpoint>,
+    /// Whether each endpoint answered the last check, to log changes rather than every probe.
+    last_up: Vec<AtomicBool>,
+}
+
+/// Below the readiness timeout, so one instance that does not answer cannot hide another that
+/// does.
+const ENDPOINT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl IdentityCheck {
+    fn new(client: &IdentityClient) -> Self {
+        let endpoints = client.endpoints().to_vec();
+        // Assumed up until a check says otherwise, so a healthy start logs nothing.
+        let last_up = endpoints.iter().map(|_| AtomicBool::new(true)).collect();
+        Self { endpoints, last_up }
+    }
 }
 
 #[async_trait::async_trait]
-impl ReadinessCheck for GrpcCheck {
+impl ReadinessCheck for IdentityCheck {
     fn name(&self) -> &'static str {
-        self.name
+        "identity"
     }
 
     async fn check(&self) -> Result<(), String> {
-        let mut client = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
-        let response = client
-            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
-            .await
-            .map_err(|status| status.message().to_owned())?;
-        match response.into_inner().status() {
-            tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
-            other => Err(format!("{other:?}")),
+        let outcomes = futures::future::join_all(self.endpoints.iter().map(|endpoint| async move {
+            tokio::time::timeout(ENDPOINT_CHECK_TIMEOUT, grpc_serving(&endpoint.channel))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {ENDPOINT_CHECK_TIMEOUT:?}")))
+        }))
+        .await;
+        let mut failures = Vec::new();
+        for ((endpoint, outcome), last_up) in self.endpoints.iter().zip(&outcomes).zip(&self.last_up) {
+            let up = outcome.is_ok();
+            metrics::gauge!("keel_gateway_identity_endpoint_up", "endpoint" => endpoint.url.clone())
+                .set(f64::from(u8::from(up)));
+            if last_up.swap(up, Ordering::Relaxed) != up {
+                match outcome {
+                    Ok(()) => tracing::info!(endpoint = %endpoint.url, "identity endpoint is serving"),
+                    Err(reason) => {
+                        tracing::warn!(endpoint = %endpoint.url, reason = %reason, "identity endpoint is not serving")
+                    }
+                }
+            }
+            if let Err(reason) = outcome {
+                failures.push(format!("{}: {reason}", endpoint.url));
+            }
         }
+        if failures.len() < self.endpoints.len() {
+            Ok(())
+        } else {
+            Err(format!("no identity endpoint is serving ({})", failures.join("; ")))
+        }
+    }
+}
+
+async fn grpc_serving(channel: &Channel) -> Result<(), String> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let response = client
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .map_err(|status| status.message().to_owned())?;
+    match response.into_inner().status() {
+        tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
+        other => Err(format!("{other:?}")),
     }
 }
 
@@ -92,7 +169,7 @@ impl ReadinessCheck for GrpcCheck {
 pub fn router(state: AppState, health: Health, max_body_bytes: usize) -> Router {
     let api = Router::new()
         .route("/v1/users", axum::routing::post(users::register))
-        .route("/v1/users/{id}", get(users::get))
+        .route("/v1/users/{id}", get(users::get).patch(users::change))
         .route("/v1/audit", get(audit::list))
         .with_state(state)
         .layer(DefaultBodyLimit::max(max_body_bytes));
@@ -114,16 +191,29 @@ pub fn start(
     lifecycle: &mut Lifecycle,
     listener: TcpListener,
 ) -> anyhow::Result<()> {
-    let timeout = Duration::from_millis(config.command_timeout_ms);
-    let channel = Endpoint::from_shared(config.identity_endpoint.clone())
-        .context("gateway.identity_endpoint is not a valid URL")?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(timeout)
-        .connect_lazy();
+    let identity = IdentityClient::new(&config.identity_endpoints, Duration::from_millis(config.command_timeout_ms))?;
     let checks: Vec<Arc<dyn ReadinessCheck>> =
-        vec![Arc::new(DatabaseCheck(pool.clone())), Arc::new(GrpcCheck { name: "identity", channel: channel.clone() })];
+        vec![Arc::new(DatabaseCheck(pool.clone())), Arc::new(IdentityCheck::new(&identity))];
     let health = Health::new(checks, lifecycle.token());
-    let state = AppState { pool, identity: IdentityCommandsClient::new(channel) };
+    let state = AppState { pool, identity };
     lifecycle.serve_http("gateway-http", listener, router(state, health, config.max_body_bytes));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_endpoints_must_be_present_and_urls() {
+        assert!(GatewayConfig::default().validate().is_ok());
+        let with = |endpoints: &[&str]| GatewayConfig {
+            identity_endpoints: endpoints.iter().map(|endpoint| (*endpoint).to_owned()).collect(),
+            ..GatewayConfig::default()
+        };
+        assert!(with(&["http://identity-0:50051", "https://identity-1:50051"]).validate().is_ok());
+        for endpoints in [&[][..], &["127.0.0.1:50051"], &["http://a:1", "not a url"], &["ftp://a:1"]] {
+            assert!(with(endpoints).validate().is_err(), "{endpoints:?}");
+        }
+    }
 }

@@ -1,0 +1,317 @@
+//! The gateway's client of the identity command service, over every configured instance.
+//!
+//! Any instance accepts any command and forwards it to the owner of the aggregate's partition.
+//! While ownership moves (an instance stops, a partition is reassigned) an instance answers
+//! UNAVAILABLE; so does a connection that fails. The client then sends the same request — the
+//! same command id — to the next instance, backing off a little more each time, until the
+//! command timeout is spent. A command id is applied at most once, so a retry of a command whose
+//! first attempt did land returns that first result: HTTP callers see neither the move nor the
+//! retry. Every other answer, success or refusal, is final and returned at once.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use keel_proto::identity::v1::{
+    ChangeDisplayNameRequest, CommandReply, RegisterUserRequest, identity_commands_client::IdentityCommandsClient,
+};
+use tokio::time::Instant;
+use tonic::{
+    Code, Status,
+    transport::{Channel, Endpoint},
+};
+
+/// The pause before the first retry; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Longer than this, and an instance that is down costs a large share of a command's budget
+/// before the next one is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One instance of the identity command service.
+#[derive(Debug, Clone)]
+pub struct IdentityEndpoint {
+    /// As configured: names the instance in logs, metrics and readiness.
+    pub url: String,
+    /// Connects on first use and reconnects after a failure.
+    pub channel: Channel,
+}
+
+/// A cheap-to-clone client of the identity command service that fails over between instances.
+#[derive(Debug, Clone)]
+pub struct IdentityClient {
+    endpoints: Arc<[IdentityEndpoint]>,
+    /// Where the next command starts, so commands spread over the instances.
+    next: Arc<AtomicUsize>,
+    /// How long one command may take, all attempts and pauses included.
+    budget: Duration,
+}
+
+impl IdentityClient {
+    /// A client of the instances at `urls`. Connections are made on first use, so the gateway
+    /// starts while instances are still down.
+    pub fn new(urls: &[String], budget: Duration) -> anyhow::Result<Self> {
+        anyhow::ensure!(!urls.is_empty(), "at least one identity endpoint is needed");
+        let endpoints = urls
+            .iter()
+            .map(|url| {
+                let channel = Endpoint::from_shared(url.clone())
+                    .with_context(|| format!("identity endpoint {url} is not a valid URL"))?
+                    .connect_timeout(CONNECT_TIMEOUT.min(budget))
+                    // Pings find a connection to a vanished instance before a command waits its
+                    // whole budget on it.
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                Ok(IdentityEndpoint { url: url.clone(), channel })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self { endpoints: endpoints.into(), next: Arc::new(AtomicUsize::new(0)), budget })
+    }
+
+    /// Every instance, in configuration order.
+    pub fn endpoints(&self) -> &[IdentityEndpoint] {
+        &self.endpoints
+    }
+
+    /// `RegisterUser`, failing over between instances.
+    pub async fn register_user(&self, request: RegisterUserRequest) -> Result<CommandReply, Status> {
+        self.send("RegisterUser", request, |mut client, request| async move { client.register_user(request).await })
+            .await
+    }
+
+    /// `ChangeDisplayName`, failing over between instances.
+    pub async fn change_display_name(&self, request: ChangeDisplayNameRequest) -> Result<CommandReply, Status> {
+        self.send("ChangeDisplayName", request, |mut client, request| async move {
+            client.change_display_name(request).await
+        })
+        .await
+    }
+
+    async fn send<Req, Call, Reply>(&self, rpc: &'static str, request: Req, call: Call) -> Result<CommandReply, Status>
+    where
+        Req: Clone,
+        Call: Fn(IdentityCommandsClient<Channel>, tonic::Request<Req>) -> Reply,
+        Reply: Future<Output = Result<tonic::Response<CommandReply>, Status>>,
+    {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let attempt = |endpoint: &IdentityEndpoint, remaining: Duration| {
+            let mut request = tonic::Request::new(request.clone());
+            // The service stops working on an attempt the gateway no longer waits for.
+            request.set_timeout(remaining);
+            let reply = call(IdentityCommandsClient::new(endpoint.channel.clone()), request);
+            async move { reply.await.map(tonic::Response::into_inner) }
+        };
+        with_failover(rpc, &self.endpoints, start, self.budget, |endpoint| endpoint.url.as_str(), attempt).await
+    }
+}
+
+/// Sends one request to `targets`, starting at `start` and moving on to the next target after
+/// each retryable failure, until an answer is final or `budget` is spent.
+///
+/// Out of budget while an attempt is in flight, the answer is DEADLINE_EXCEEDED; out of budget
+/// between attempts, UNAVAILABLE (the outcome is unknown, whatever the last failure was).
+async fn with_failover<Target, Reply, Attempt, Outcome>(
+    rpc: &'static str,
+    targets: &[Target],
+    start: usize,
+    budget: Duration,
+    name: impl Fn(&Target) -> &str,
+    attempt: Attempt,
+) -> Result<Reply, Status>
+where
+    Attempt: Fn(&Target, Duration) -> Outcome,
+    Outcome: Future<Output = Result<Reply, Status>>,
+{
+    let deadline = Instant::now() + budget;
+    let mut backoff = FIRST_BACKOFF;
+    for index in (0..targets.len()).cycle().skip(start % targets.len().max(1)) {
+        let target = &targets[index];
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let status = match tokio::time::timeout(remaining, attempt(target, remaining)).await {
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(status)) => status,
+            Err(_) => {
+                tracing::warn!(rpc, endpoint = name(target), budget_ms = budget.as_millis(), "command timed out");
+                return Err(Status::deadline_exceeded("the command service did not answer in time"));
+            }
+        };
+        if !is_retryable(&status) {
+            return Err(status);
+        }
+        // A retry that could not even start before the deadline only delays the answer.
+        if deadline.saturating_duration_since(Instant::now()) <= backoff {
+            tracing::warn!(rpc, endpoint = name(target), code = ?status.code(), message = status.message(), "command failed and its budget is spent");
+            // Whatever the last failure was, the outcome is unknown and a retry is safe.
+            return Err(Status::unavailable("the command service is unavailable; retry with the same command id"));
+        }
+        tracing::info!(
+            rpc,
+            endpoint = name(target),
+            code = ?status.code(),
+            message = status.message(),
+            backoff_ms = backoff.as_millis(),
+            "command failed, retrying on the next endpoint"
+        );
+        metrics::counter!("keel_gateway_command_retries_total", "rpc" => rpc, "code" => code_label(status.code()))
+            .increment(1);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    // Only reached with no targets, which the constructor refuses.
+    Err(Status::unavailable("no identity endpoint is configured"))
+}
+
+/// UNAVAILABLE is the service's word for "no owner right now, or outcome unknown: retry with the
+/// same command id". A status made on this side from a broken connection (reset, refused stream,
+/// an instance killed mid-request) is UNKNOWN or CANCELLED, or carries the transport error as its
+/// source; the services never send those codes themselves. The outcome is just as unknown, and
+/// the same command id makes the retry just as safe.
+fn is_retryable(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) || caused_by_transport(status)
+}
+
+fn caused_by_transport(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<tonic::transport::Error>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// A bounded label for a status code.
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Unavailable => "unavailable",
+        Code::Cancelled => "cancelled",
+        Code::Internal => "internal",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Debug, Clone, Copy)]
+    enum Answer {
+        Reply(&'static str),
+        Fail(Code),
+        /// Never answers: the budget runs out while the attempt is in flight.
+        Hang,
+    }
+
+    /// Scripted answers, taken in order (UNAVAILABLE once they run out); records where and when
+    /// each attempt went.
+    struct Script {
+        answers: Mutex<Vec<Answer>>,
+        attempts: Mutex<Vec<(usize, Instant)>>,
+    }
+
+    impl Script {
+        fn new(answers: &[Answer]) -> Self {
+            Self { answers: Mutex::new(answers.to_vec()), attempts: Mutex::new(Vec::new()) }
+        }
+
+        async fn run(&self, targets: usize, start: usize, budget: Duration) -> Result<&'static str, Code> {
+            let targets: Vec<usize> = (0..targets).collect();
+            with_failover(
+                "Test",
+                &targets,
+                start,
+                budget,
+                |_| "target",
+                |target, _remaining| {
+                    self.attempts.lock().unwrap().push((*target, Instant::now()));
+                    let mut answers = self.answers.lock().unwrap();
+                    let answer = if answers.is_empty() { Answer::Fail(Code::Unavailable) } else { answers.remove(0) };
+                    async move {
+                        match answer {
+                            Answer::Reply(reply) => Ok(reply),
+                            Answer::Fail(code) => Err(Status::new(code, "scripted")),
+                            Answer::Hang => std::future::pending().await,
+                        }
+                    }
+                },
+            )
+            .await
+            .map_err(|status| status.code())
+        }
+
+        fn targets(&self) -> Vec<usize> {
+            self.attempts.lock().unwrap().iter().map(|(target, _)| *target).collect()
+        }
+
+        fn pauses(&self) -> Vec<Duration> {
+            let attempts = self.attempts.lock().unwrap();
+            attempts.windows(2).map(|pair| pair[1].1 - pair[0].1).collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unavailable_moves_on_to_the_next_endpoint_with_growing_pauses() {
+        let script =
+            Script::new(&[Answer::Fail(Code::Unavailable), Answer::Fail(Code::Unavailable), Answer::Reply("done")]);
+        assert_eq!(script.run(3, 1, Duration::from_secs(10)).await, Ok("done"));
+        assert_eq!(script.targets(), [1, 2, 0]);
+        assert_eq!(script.pauses(), [Duration::from_millis(50), Duration::from_millis(100)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_connection_is_retried_like_unavailable() {
+        let script = Script::new(&[Answer::Fail(Code::Unknown), Answer::Fail(Code::Cancelled), Answer::Reply("done")]);
+        assert_eq!(script.run(2, 0, Duration::from_secs(10)).await, Ok("done"));
+        assert_eq!(script.targets(), [0, 1, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_final() {
+        for code in [Code::AlreadyExists, Code::Aborted, Code::NotFound, Code::ResourceExhausted, Code::Internal] {
+            let script = Script::new(&[Answer::Fail(code)]);
+            assert_eq!(script.run(2, 0, Duration::from_secs(10)).await, Err(code));
+            assert_eq!(script.targets(), [0], "{code:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pauses_are_capped_and_a_spent_budget_is_unavailable() {
+        let script = Script::new(&[]);
+        let started = Instant::now();
+        assert_eq!(script.run(2, 0, Duration::from_secs(4)).await, Err(Code::Unavailable));
+        assert!(started.elapsed() < Duration::from_secs(4), "no pause that cannot be followed by an attempt");
+        let pauses = script.pauses();
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000].map(Duration::from_millis));
+        assert!(script.targets().windows(2).all(|pair| pair[0] != pair[1]), "alternates between endpoints");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_in_flight_at_the_deadline_is_a_timeout() {
+        let script = Script::new(&[Answer::Fail(Code::Unavailable), Answer::Hang]);
+        let started = Instant::now();
+        assert_eq!(script.run(2, 0, Duration::from_secs(3)).await, Err(Code::DeadlineExceeded));
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_secs(3) && elapsed < Duration::from_millis(3_010), "{elapsed:?}");
+        assert_eq!(script.targets(), [0, 1]);
+    }
+
+    #[test]
+    fn only_unavailable_or_a_broken_connection_is_retried() {
+        assert!(is_retryable(&Status::unavailable("no owner")));
+        assert!(is_retryable(&Status::unknown("transport error")));
+        assert!(!is_retryable(&Status::internal("a bug in the service")));
+        assert!(!is_retryable(&Status::not_found("no such user")));
+        assert!(!is_retryable(&Status::aborted("stale")));
+        assert!(!is_retryable(&Status::resource_exhausted("queue full")));
+    }
+}
