@@ -12,55 +12,17 @@ use std::{
 
 use anyhow::Context;
 use chrono::Utc;
-use clap::{Args, Subcommand};
-use futures::{StreamExt, stream::FuturesUnordered};
-use keel_domain::{
-    DomainEvent,
-    identity::{DisplayName, Email, UserEvent, UserId, UserRegistered},
-};
 use keel_projections::Projector;
 use keel_runtime::postgres;
-use keel_topics::{
-    CommitHeader, EventMeta, SchemaRegistryCodec, Topic, TopicNames, identity, kafka, reader::PartitionReader,
-};
-use rdkafka::producer::FutureRecord;
+use keel_topics::{Topic, kafka, reader::PartitionReader};
 use sqlx::{Connection, PgConnection, PgPool, postgres::PgConnectOptions};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
+use super::{Commit, Rate, ScratchTopics};
 use crate::config::KeelConfig;
 
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    command: BenchCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchCommand {
-    /// Replay a topic of N registrations into the users read model.
-    Replay {
-        #[arg(long, default_value_t = 1_000_000)]
-        events: u64,
-    },
-}
-
-/// One measured phase.
-struct Rate {
-    what: &'static str,
-    count: u64,
-    elapsed: Duration,
-}
-
-impl Rate {
-    fn per_second(&self) -> f64 {
-        self.count as f64 / self.elapsed.as_secs_f64()
-    }
-}
-
-pub async fn run(args: BenchArgs, config: &KeelConfig) -> anyhow::Result<ExitCode> {
-    let BenchCommand::Replay { events } = args.command;
-    let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+pub(super) async fn run(config: &KeelConfig, events: u64) -> anyhow::Result<ExitCode> {
+    let id = super::run_id();
     let database = format!("keel_bench_{id}");
     let server = postgres::connect_options(&config.database)?;
     let mut admin = PgConnection::connect_with(&server.clone().database("postgres")).await?;
@@ -72,13 +34,7 @@ pub async fn run(args: BenchArgs, config: &KeelConfig) -> anyhow::Result<ExitCod
     let rates = outcome?;
     println!("replay of {events} events (one registration per commit) into the users read model");
     for rate in &rates {
-        println!(
-            "  {:<28} {:>10} in {:>8.2}s  {:>12.0}/s",
-            rate.what,
-            rate.count,
-            rate.elapsed.as_secs_f64(),
-            rate.per_second()
-        );
+        rate.print();
     }
     let [produce, consume, copy, projection] = [&rates[0], &rates[1], &rates[2], &rates[3]];
     println!("  projection / raw consume     {:>8.2}", projection.per_second() / consume.per_second());
@@ -90,60 +46,18 @@ pub async fn run(args: BenchArgs, config: &KeelConfig) -> anyhow::Result<ExitCod
 async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectOptions) -> anyhow::Result<Vec<Rate>> {
     let pool = PgPool::connect_with(database).await.context("failed to connect to the bench database")?;
     crate::roles::MIGRATOR.run(&pool).await?;
-    let mut kafka_config = config.kafka.clone();
-    kafka_config.topic_prefix = format!("bench-{id}.");
-    let names = TopicNames::new(kafka_config.topic_prefix.clone());
-    kafka::create_topics(&kafka_config, &names, config.topics.replication_factor).await?;
-    let topic = names.name(Topic::IdentityUsers);
-    let codec = SchemaRegistryCodec::new(&config.schema_registry.url, names.clone())?;
-    codec.register(Topic::IdentityUsers).await?;
+    let scratch = ScratchTopics::create(config, id).await?;
+    let kafka_config = scratch.kafka.clone();
+    let topic = scratch.names.name(Topic::IdentityUsers);
 
     // The records: encoded before timing, so the produce rate is the broker's.
     eprintln!("encoding {events} commits");
-    let mut records = Vec::with_capacity(events as usize);
-    for index in 0..events {
-        let user = UserId::new();
-        let event = UserEvent::Registered(UserRegistered {
-            id: user,
-            email: Email::parse(&format!("bench{index}@example.com"))?,
-            display_name: DisplayName::parse(&format!("Bench user {index}"))?,
-        });
-        let header = CommitHeader {
-            command_id: Uuid::now_v7(),
-            aggregate_id: user.as_uuid(),
-            expected_version: 0,
-            occurred_at: Utc::now(),
-            actor: "bench".into(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: None,
-            traceparent: None,
-            events: vec![EventMeta {
-                event_id: Uuid::now_v7(),
-                event_type: event.event_type().into(),
-                schema_version: event.schema_version(),
-            }],
-        };
-        let payload = codec.encode(Topic::IdentityUsers, identity::encode(&[event])).await?;
-        records.push((user.as_uuid().to_string(), payload, header));
-    }
+    let records = super::encode_registrations(&scratch.codec, 0..events, "bench", "bench").await?;
 
     eprintln!("producing");
     let producer = kafka::producer(&kafka_config)?;
-    let started = Instant::now();
-    let mut in_flight = FuturesUnordered::new();
-    for (key, payload, header) in &records {
-        if in_flight.len() >= 20_000
-            && let Some(delivered) = in_flight.next().await
-        {
-            check_delivery(delivered)?;
-        }
-        let record = FutureRecord::to(&topic).key(key).payload(payload).headers(header.to_headers());
-        in_flight.push(producer.send(record, Duration::from_secs(60)));
-    }
-    while let Some(delivered) = in_flight.next().await {
-        check_delivery(delivered)?;
-    }
-    let produce = Rate { what: "raw produce (idempotent)", count: events, elapsed: started.elapsed() };
+    let elapsed = super::produce(&producer, &topic, &records, super::RAW_MAX_IN_FLIGHT).await?;
+    let produce = Rate { what: "raw produce (idempotent)".into(), count: events, elapsed };
 
     eprintln!("consuming");
     let partitions = Topic::IdentityUsers.spec().partitions;
@@ -155,7 +69,7 @@ async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectO
     while reader.next().await?.is_some() {
         consumed += 1;
     }
-    let consume = Rate { what: "raw consume", count: consumed, elapsed: started.elapsed() };
+    let consume = Rate { what: "raw consume".into(), count: consumed, elapsed: started.elapsed() };
 
     eprintln!("copying");
     let copy = copy_rows(&pool, &records).await?;
@@ -184,7 +98,7 @@ async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectO
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let projection = Rate { what: "users projection", count: events, elapsed: started.elapsed() };
+    let projection = Rate { what: "users projection".into(), count: events, elapsed: started.elapsed() };
     shutdown.cancel();
     task.await??;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&pool).await?;
@@ -193,16 +107,12 @@ async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectO
     Ok(vec![produce, consume, copy, projection])
 }
 
-fn check_delivery(delivered: rdkafka::producer::future_producer::OwnedDeliveryResult) -> anyhow::Result<()> {
-    delivered.map(|_| ()).map_err(|(error, _)| anyhow::anyhow!("produce failed: {error}"))
-}
-
 /// `COPY` of the same rows the projection writes, into a table of the same shape.
-async fn copy_rows(pool: &PgPool, records: &[(String, Vec<u8>, CommitHeader)]) -> anyhow::Result<Rate> {
+async fn copy_rows(pool: &PgPool, records: &[Commit]) -> anyhow::Result<Rate> {
     sqlx::query("CREATE TABLE users_copy (LIKE users_v1 INCLUDING ALL)").execute(pool).await?;
     let now = Utc::now().to_rfc3339();
     let mut text = String::with_capacity(records.len() * 120);
-    for (index, (key, _, _)) in records.iter().enumerate() {
+    for (index, Commit { key, .. }) in records.iter().enumerate() {
         text.push_str(&format!("{key}\tbench{index}@example.com\tBench user {index}\t1\t{now}\t{now}\n"));
     }
     let started = Instant::now();
@@ -210,5 +120,5 @@ async fn copy_rows(pool: &PgPool, records: &[(String, Vec<u8>, CommitHeader)]) -
     let mut copy = connection.copy_in_raw("COPY users_copy FROM STDIN").await?;
     copy.send(text.as_bytes()).await?;
     let rows = copy.finish().await?;
-    Ok(Rate { what: "raw COPY into PostgreSQL", count: rows, elapsed: started.elapsed() })
+    Ok(Rate { what: "raw COPY into PostgreSQL".into(), count: rows, elapsed: started.elapsed() })
 }

@@ -1,0 +1,193 @@
+//! `keel bench`: benchmarks that print figures, each next to the raw rates of the same work
+//! measured in the same run, on the same broker (and database), so a figure reads as a fraction
+//! of what the infrastructure allows rather than as a bare number.
+//!
+//! - `replay`: how fast a projection replays a topic ([`replay`]);
+//! - `commands`: how fast a running gateway accepts commands ([`commands`]).
+//!
+//! Raw Kafka figures are taken under a throwaway topic prefix (`bench-<id>.`), so a bench can run
+//! next to a live installation.
+
+mod commands;
+mod replay;
+
+use std::{
+    ops::Range,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use clap::{Args, Subcommand};
+use futures::{StreamExt, stream::FuturesUnordered};
+use keel_domain::{
+    DomainEvent,
+    identity::{DisplayName, Email, UserEvent, UserId, UserRegistered},
+};
+use keel_runtime::KafkaConfig;
+use keel_topics::{CommitHeader, EventMeta, SchemaRegistryCodec, Topic, TopicNames, identity, kafka};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use uuid::Uuid;
+
+use crate::config::KeelConfig;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Replay a topic of N registrations into the users read model.
+    Replay {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
+    /// Register N users through a running gateway (start the platform with `scripts/run`), next
+    /// to the raw produce rate of the same records.
+    Commands {
+        /// Registrations to measure (a warm-up of min(500, N/10) comes first, not counted).
+        #[arg(long, default_value_t = 20_000)]
+        commands: u64,
+        /// Concurrent HTTP clients, each sending its next command once the last one succeeded.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// The gateway's base URL [default: `http://<gateway.listen>`, a wildcard address as loopback].
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+}
+
+pub async fn run(args: BenchArgs, config: &KeelConfig) -> anyhow::Result<ExitCode> {
+    match args.command {
+        BenchCommand::Replay { events } => replay::run(config, events).await,
+        BenchCommand::Commands { commands, clients, gateway } => {
+            commands::run(config, commands, clients, gateway).await
+        }
+    }
+}
+
+/// Unacknowledged records a raw produce keeps in flight when it goes as fast as the broker allows.
+const RAW_MAX_IN_FLIGHT: usize = 20_000;
+
+/// One measured phase.
+struct Rate {
+    what: String,
+    count: u64,
+    elapsed: Duration,
+}
+
+impl Rate {
+    fn per_second(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn print(&self) {
+        println!(
+            "  {:<28} {:>10} in {:>8.2}s  {:>12.0}/s",
+            self.what,
+            self.count,
+            self.elapsed.as_secs_f64(),
+            self.per_second()
+        );
+    }
+}
+
+/// A short random id naming one run's throwaway resources.
+fn run_id() -> String {
+    Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// The throwaway topics of one run (`bench-<id>.`), with the users schema registered under them.
+struct ScratchTopics {
+    kafka: KafkaConfig,
+    names: TopicNames,
+    codec: SchemaRegistryCodec,
+}
+
+impl ScratchTopics {
+    async fn create(config: &KeelConfig, id: &str) -> anyhow::Result<Self> {
+        let mut kafka_config = config.kafka.clone();
+        kafka_config.topic_prefix = format!("bench-{id}.");
+        let names = TopicNames::new(kafka_config.topic_prefix.clone());
+        kafka::create_topics(&kafka_config, &names, config.topics.replication_factor).await?;
+        let codec = SchemaRegistryCodec::new(&config.schema_registry.url, names.clone())?;
+        codec.register(Topic::IdentityUsers).await?;
+        Ok(Self { kafka: kafka_config, names, codec })
+    }
+}
+
+/// One registration commit, encoded and ready to produce.
+struct Commit {
+    key: String,
+    payload: Vec<u8>,
+    header: CommitHeader,
+}
+
+/// Registration commits numbered `numbers`, one new user each (`<email_prefix><n>@example.com`,
+/// `Bench user <n>`, issued by `actor`), encoded the way the identity service encodes them.
+async fn encode_registrations(
+    codec: &SchemaRegistryCodec,
+    numbers: Range<u64>,
+    email_prefix: &str,
+    actor: &str,
+) -> anyhow::Result<Vec<Commit>> {
+    let mut commits = Vec::with_capacity(numbers.end.saturating_sub(numbers.start) as usize);
+    for number in numbers {
+        let user = UserId::new();
+        let event = UserEvent::Registered(UserRegistered {
+            id: user,
+            email: Email::parse(&format!("{email_prefix}{number}@example.com"))?,
+            display_name: DisplayName::parse(&format!("Bench user {number}"))?,
+        });
+        let header = CommitHeader {
+            command_id: Uuid::now_v7(),
+            aggregate_id: user.as_uuid(),
+            expected_version: 0,
+            occurred_at: Utc::now(),
+            actor: actor.into(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: None,
+            traceparent: None,
+            events: vec![EventMeta {
+                event_id: Uuid::now_v7(),
+                event_type: event.event_type().into(),
+                schema_version: event.schema_version(),
+            }],
+        };
+        let payload = codec.encode(Topic::IdentityUsers, identity::encode(&[event])).await?;
+        commits.push(Commit { key: user.as_uuid().to_string(), payload, header });
+    }
+    Ok(commits)
+}
+
+/// Produces `commits` to `topic` with at most `max_in_flight` unacknowledged at a time, and
+/// returns how long it took until the last was acknowledged.
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    commits: &[Commit],
+    max_in_flight: usize,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    for commit in commits {
+        if in_flight.len() >= max_in_flight
+            && let Some(delivered) = in_flight.next().await
+        {
+            check_delivery(delivered)?;
+        }
+        let record =
+            FutureRecord::to(topic).key(&commit.key).payload(&commit.payload).headers(commit.header.to_headers());
+        in_flight.push(producer.send(record, Duration::from_secs(60)));
+    }
+    while let Some(delivered) = in_flight.next().await {
+        check_delivery(delivered)?;
+    }
+    Ok(started.elapsed())
+}
+
+fn check_delivery(delivered: rdkafka::producer::future_producer::OwnedDeliveryResult) -> anyhow::Result<()> {
+    delivered.map(|_| ()).map_err(|(error, _)| anyhow::anyhow!("produce failed: {error}"))
+}
