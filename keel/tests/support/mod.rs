@@ -165,13 +165,15 @@ pub enum Role {
     Gateway,
     /// A second projector instance, with its own admin address.
     SecondProjector,
+    /// A second identity instance, with its own gRPC and admin addresses.
+    SecondIdentity,
 }
 
 impl Role {
     fn command(self) -> &'static str {
         match self {
             Self::Registry => "registry",
-            Self::Identity => "identity",
+            Self::Identity | Self::SecondIdentity => "identity",
             Self::Projector | Self::SecondProjector => "projector",
             Self::Gateway => "gateway",
         }
@@ -192,15 +194,17 @@ pub struct Platform {
     pub gateway_url: String,
     env: Vec<(String, String)>,
     admin_urls: BTreeMap<Role, String>,
-    second_projector_admin: String,
+    /// Per second instance, the environment that sets it apart from the first.
+    overrides: BTreeMap<Role, Vec<(String, String)>>,
     running: BTreeMap<Role, Running>,
 }
 
 impl Platform {
-    /// Broker, database, migrations, topics, then registry, identity, projector and gateway.
+    /// Broker, database, migrations, topics, then registry, two identity instances, projector and
+    /// gateway.
     pub async fn start() -> Self {
         let mut platform = Self::prepare().await;
-        for role in [Role::Registry, Role::Identity, Role::Projector, Role::Gateway] {
+        for role in [Role::Registry, Role::Identity, Role::SecondIdentity, Role::Projector, Role::Gateway] {
             platform.spawn(role);
             platform.wait_ready(role, Duration::from_secs(60)).await;
         }
@@ -214,6 +218,7 @@ impl Platform {
         let database = TestDatabase::create().await;
         let registry = free_port();
         let identity_grpc = free_port();
+        let second_identity_grpc = free_port();
         let ports = [
             ("KEEL_REGISTRY__LISTEN", registry),
             ("KEEL_IDENTITY__GRPC_LISTEN", identity_grpc),
@@ -221,6 +226,8 @@ impl Platform {
             ("KEEL_PROJECTOR__ADMIN_LISTEN", free_port()),
             ("KEEL_GATEWAY__LISTEN", free_port()),
             ("SECOND_PROJECTOR_ADMIN_LISTEN", free_port()),
+            ("SECOND_IDENTITY_GRPC_LISTEN", second_identity_grpc),
+            ("SECOND_IDENTITY_ADMIN_LISTEN", free_port()),
         ];
         let mut env: Vec<(String, String)> =
             ports.iter().map(|(key, port)| ((*key).to_owned(), format!("127.0.0.1:{port}"))).collect();
@@ -229,7 +236,10 @@ impl Platform {
                 ("KEEL_DATABASE__URL", database.url.clone()),
                 ("KEEL_KAFKA__BOOTSTRAP_SERVERS", broker.bootstrap.clone()),
                 ("KEEL_SCHEMA_REGISTRY__URL", format!("http://127.0.0.1:{registry}")),
-                ("KEEL_GATEWAY__IDENTITY_ENDPOINT", format!("http://127.0.0.1:{identity_grpc}")),
+                (
+                    "KEEL_GATEWAY__IDENTITY_ENDPOINTS",
+                    format!("http://127.0.0.1:{identity_grpc},http://127.0.0.1:{second_identity_grpc}"),
+                ),
                 ("KEEL_LOG__FORMAT", "json".to_owned()),
                 ("KEEL_SHUTDOWN__GRACE_PERIOD_MS", "10000".to_owned()),
             ]
@@ -242,20 +252,25 @@ impl Platform {
             (Role::Projector, format!("http://{}", address("KEEL_PROJECTOR__ADMIN_LISTEN"))),
             (Role::Gateway, format!("http://{}", address("KEEL_GATEWAY__LISTEN"))),
             (Role::SecondProjector, format!("http://{}", address("SECOND_PROJECTOR_ADMIN_LISTEN"))),
+            (Role::SecondIdentity, format!("http://{}", address("SECOND_IDENTITY_ADMIN_LISTEN"))),
         ]);
-        let second_projector_admin = address("SECOND_PROJECTOR_ADMIN_LISTEN");
-        env.retain(|(key, _)| key != "SECOND_PROJECTOR_ADMIN_LISTEN");
+        let overrides = BTreeMap::from([
+            (
+                Role::SecondProjector,
+                vec![("KEEL_PROJECTOR__ADMIN_LISTEN".to_owned(), address("SECOND_PROJECTOR_ADMIN_LISTEN"))],
+            ),
+            (
+                Role::SecondIdentity,
+                vec![
+                    ("KEEL_IDENTITY__GRPC_LISTEN".to_owned(), address("SECOND_IDENTITY_GRPC_LISTEN")),
+                    ("KEEL_IDENTITY__ADMIN_LISTEN".to_owned(), address("SECOND_IDENTITY_ADMIN_LISTEN")),
+                ],
+            ),
+        ]);
+        env.retain(|(key, _)| !key.starts_with("SECOND_"));
         let gateway_url = admin_urls[&Role::Gateway].clone();
-        let platform = Self {
-            dir,
-            broker,
-            database,
-            gateway_url,
-            env,
-            admin_urls,
-            second_projector_admin,
-            running: BTreeMap::new(),
-        };
+        let platform =
+            Self { dir, broker, database, gateway_url, env, admin_urls, overrides, running: BTreeMap::new() };
         for args in [&["migrate"][..], &["topics", "create"]] {
             let output = platform.keel(args).output().unwrap();
             assert!(output.status.success(), "keel {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -279,8 +294,8 @@ impl Platform {
     pub fn spawn_with(&mut self, role: Role, extra: &[(&str, &str)]) {
         let log = self.dir.join(format!("{role:?}.log").to_lowercase());
         let mut command = self.keel(&[role.command()]);
-        if role == Role::SecondProjector {
-            command.env("KEEL_PROJECTOR__ADMIN_LISTEN", &self.second_projector_admin);
+        if let Some(overrides) = self.overrides.get(&role) {
+            command.envs(overrides.iter().map(|(key, value)| (key, value)));
         }
         command.envs(extra.iter().copied()).stdin(Stdio::null()).stdout(append_log(&log)).stderr(append_log(&log));
         let child = command.spawn().unwrap();
