@@ -164,6 +164,34 @@ async fn a_retried_command_returns_its_first_result_and_appends_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn when_an_instance_stops_its_partitions_move_and_callers_do_not_notice() {
+    let mut platform = Platform::start().await;
+    let client = reqwest::Client::new();
+    let gateway = platform.gateway_url.clone();
+    let mut ids = Vec::new();
+    for user in 0..16 {
+        ids.push(platform.register(&client, &format!("m{user}@example.com"), "M").await);
+    }
+    let partitions: HashSet<i64> = join_all(ids.iter().map(|id| {
+        let request = patch(&client, &gateway, id, None, "Before");
+        async move { send(request).await.unwrap().body["position"]["partition"].as_i64().unwrap() }
+    }))
+    .await
+    .into_iter()
+    .collect();
+    assert!(partitions.len() > 4, "the users spread over both instances' partitions: {partitions:?}");
+
+    assert!(platform.terminate(Role::SecondIdentity, Duration::from_secs(15)).success());
+    let started = Instant::now();
+    // Plain requests, no client-side retries: the gateway and the survivor absorb the move.
+    for answer in join_all(ids.iter().map(|id| send(patch(&client, &gateway, id, Some(2), "After")))).await {
+        let answer = answer.unwrap();
+        assert_eq!((answer.status, answer.body["version"].clone()), (StatusCode::OK, json!(3)), "{}", answer.body);
+    }
+    println!("every partition served again {:?} after the instance stopped", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn killing_an_owner_during_5000_commands_loses_and_doubles_nothing() {
     const COMMANDS: usize = 5000;
     const CLIENTS: usize = 48;

@@ -158,3 +158,85 @@ impl<M: Model> PartitionState<M> {
         (self.next_offset, entries)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use keel_domain::identity::{DisplayName, DisplayNameChanged, Email, User, UserEvent, UserId, UserRegistered};
+    use keel_topics::EventMeta;
+
+    use super::*;
+    use crate::identity::Users;
+
+    fn commit(aggregate_id: Uuid, command_id: Uuid, expected_version: u64) -> CommitHeader {
+        CommitHeader {
+            command_id,
+            aggregate_id,
+            expected_version,
+            occurred_at: Utc::now(),
+            actor: "test".into(),
+            correlation_id: command_id,
+            causation_id: None,
+            traceparent: None,
+            events: vec![EventMeta { event_id: Uuid::now_v7(), event_type: "E".into(), schema_version: 1 }],
+        }
+    }
+
+    fn registered(id: Uuid, email: &str) -> UserEvent {
+        UserEvent::Registered(UserRegistered {
+            id: UserId::from_uuid(id),
+            email: Email::parse(email).unwrap(),
+            display_name: DisplayName::parse("Ada").unwrap(),
+        })
+    }
+
+    fn renamed(id: Uuid, name: &str) -> UserEvent {
+        UserEvent::DisplayNameChanged(DisplayNameChanged {
+            id: UserId::from_uuid(id),
+            display_name: DisplayName::parse(name).unwrap(),
+        })
+    }
+
+    #[test]
+    fn valid_commits_advance_the_state_the_index_and_the_results() {
+        let mut state = PartitionState::<Users>::new(0);
+        let (id, command) = (Uuid::now_v7(), Uuid::now_v7());
+        let email = Email::parse("ada@example.com").unwrap();
+        assert_eq!(state.apply(0, &commit(id, command, 0), &[registered(id, "ada@example.com")]), Some(Verdict::Valid));
+        assert_eq!(state.index().owner(&email), Some(id));
+        let entry = state.entry(id).unwrap();
+        assert_eq!((entry.version(), entry.last_offset), (1, 0));
+        assert_eq!(entry.result_of(command), Some(CommandResult { command_id: command, version: 1, offset: 0 }));
+        // Already applied: ignored. A stale commit: skipped, no trace.
+        assert_eq!(state.apply(0, &commit(id, command, 0), &[registered(id, "ada@example.com")]), None);
+        let other = Uuid::now_v7();
+        assert_eq!(
+            state.apply(1, &commit(other, Uuid::now_v7(), 3), &[registered(other, "bo@example.com")]),
+            Some(Verdict::VersionMismatch { expected: 3, actual: 0 })
+        );
+        assert!(state.entry(other).is_none());
+        assert_eq!(state.next_offset(), 2);
+    }
+
+    #[test]
+    fn a_restored_row_ahead_of_its_snapshot_position_is_not_applied_twice() {
+        let id = Uuid::now_v7();
+        let mut tail = PartitionState::<Users>::new(0);
+        let first = commit(id, Uuid::now_v7(), 0);
+        let second = commit(id, Uuid::now_v7(), 1);
+        tail.apply(10, &first, &[registered(id, "ada@example.com")]);
+        tail.apply(11, &second, &[renamed(id, "Ada L.")]);
+        let (_, rows) = tail.take_dirty();
+        // The rows are at offset 11, the position says 10: the replay from 10 must skip 10 and 11.
+        let mut restored = PartitionState::<Users>::restore(0, 10, rows);
+        assert_eq!(restored.apply(10, &first, &[registered(id, "ada@example.com")]), None);
+        assert_eq!(restored.apply(11, &second, &[renamed(id, "Ada L.")]), None);
+        let entry = restored.entry(id).unwrap();
+        assert_eq!(entry.version(), 2);
+        assert_eq!(entry.state.display_name().unwrap().as_str(), "Ada L.");
+        assert_eq!(restored.dirty_count(), 0);
+        let third = commit(id, Uuid::now_v7(), 2);
+        assert_eq!(restored.apply(12, &third, &[renamed(id, "Ada")]), Some(Verdict::Valid));
+        assert!(matches!(&restored.entry(id).unwrap().state, User::Registered { .. }));
+    }
+}
