@@ -133,6 +133,7 @@ async fn bad_input_gets_problem_json_and_appends_nothing() {
 
     let huge = json!({"email": "c@example.com", "display_name": "x".repeat(2 * 1024 * 1024)});
     let too_large = client.post(&url).json(&huge).send().await.unwrap();
+    assert_eq!(too_large.headers()["connection"], "close", "the unread body spoils the connection");
     problem(too_large, StatusCode::PAYLOAD_TOO_LARGE).await;
 
     let not_json = client.post(&url).header("content-type", "text/plain").body("hello").send().await.unwrap();
