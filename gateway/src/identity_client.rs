@@ -12,7 +12,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -41,7 +41,13 @@ pub struct IdentityEndpoint {
     pub url: String,
     /// Connects on first use and reconnects after a failure.
     pub channel: Channel,
+    /// When its connection last broke (milliseconds since the client was made, 0: never).
+    broken_at: Arc<AtomicU64>,
 }
+
+/// After a broken connection, an instance is tried last for this long, so that an instance that
+/// is down does not cost every other command a failed attempt and a pause.
+const TRY_LAST_FOR: Duration = Duration::from_secs(2);
 
 /// A cheap-to-clone client of the identity command service that fails over between instances.
 #[derive(Debug, Clone)]
@@ -51,6 +57,8 @@ pub struct IdentityClient {
     next: Arc<AtomicUsize>,
     /// How long one command may take, all attempts and pauses included.
     budget: Duration,
+    /// The clock of `broken_at`.
+    epoch: Instant,
 }
 
 impl IdentityClient {
@@ -69,10 +77,10 @@ impl IdentityClient {
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .connect_lazy();
-                Ok(IdentityEndpoint { url: url.clone(), channel })
+                Ok(IdentityEndpoint { url: url.clone(), channel, broken_at: Arc::new(AtomicU64::new(0)) })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self { endpoints: endpoints.into(), next: Arc::new(AtomicUsize::new(0)), budget })
+        Ok(Self { endpoints: endpoints.into(), next: Arc::new(AtomicUsize::new(0)), budget, epoch: Instant::now() })
     }
 
     /// Every instance, in configuration order.
@@ -100,13 +108,22 @@ impl IdentityClient {
         Call: Fn(IdentityCommandsClient<Channel>, tonic::Request<Req>) -> Reply,
         Reply: Future<Output = Result<tonic::Response<CommandReply>, Status>>,
     {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.start();
         let attempt = |endpoint: &IdentityEndpoint, remaining: Duration| {
             let mut request = tonic::Request::new(request.clone());
             // The service stops working on an attempt the gateway no longer waits for.
             request.set_timeout(remaining);
             let reply = call(IdentityCommandsClient::new(endpoint.channel.clone()), request);
-            async move { reply.await.map(tonic::Response::into_inner) }
+            let (broken_at, now) = (endpoint.broken_at.clone(), self.millis());
+            async move {
+                let outcome = reply.await.map(tonic::Response::into_inner);
+                if let Err(status) = &outcome
+                    && broken_connection(status)
+                {
+                    broken_at.store(now.max(1), Ordering::Relaxed);
+                }
+                outcome
+            }
         };
         with_failover(rpc, &self.endpoints, start, self.budget, |endpoint| endpoint.url.as_str(), attempt).await
     }
@@ -168,13 +185,36 @@ where
     Err(Status::unavailable("no identity endpoint is configured"))
 }
 
+impl IdentityClient {
+    fn millis(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The next instance in turn whose connection did not break lately, or the next in turn.
+    fn start(&self) -> usize {
+        let count = self.endpoints.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.millis();
+        let healthy = |index: &usize| {
+            let broken_at = self.endpoints[*index].broken_at.load(Ordering::Relaxed);
+            broken_at == 0 || now.saturating_sub(broken_at) > TRY_LAST_FOR.as_millis() as u64
+        };
+        (0..count).map(|offset| (first + offset) % count).find(healthy).unwrap_or(first % count)
+    }
+}
+
 /// UNAVAILABLE is the service's word for "no owner right now, or outcome unknown: retry with the
 /// same command id". A status made on this side from a broken connection (reset, refused stream,
 /// an instance killed mid-request) is UNKNOWN or CANCELLED, or carries the transport error as its
 /// source; the services never send those codes themselves. The outcome is just as unknown, and
 /// the same command id makes the retry just as safe.
 fn is_retryable(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) || caused_by_transport(status)
+    status.code() == Code::Unavailable || broken_connection(status)
+}
+
+/// A failure of the connection rather than an answer of the service.
+fn broken_connection(status: &Status) -> bool {
+    matches!(status.code(), Code::Unknown | Code::Cancelled) || caused_by_transport(status)
 }
 
 fn caused_by_transport(status: &Status) -> bool {
@@ -303,6 +343,17 @@ mod tests {
         let elapsed = started.elapsed();
         assert!(elapsed >= Duration::from_secs(3) && elapsed < Duration::from_millis(3_010), "{elapsed:?}");
         assert_eq!(script.targets(), [0, 1]);
+    }
+
+    #[tokio::test]
+    async fn an_instance_whose_connection_broke_is_tried_last_for_a_while() {
+        let urls = ["http://127.0.0.1:1".to_owned(), "http://127.0.0.1:2".to_owned()];
+        let client = IdentityClient::new(&urls, Duration::from_secs(1)).unwrap();
+        assert_eq!((client.start(), client.start()), (0, 1), "round robin");
+        client.endpoints[0].broken_at.store(client.millis().max(1), Ordering::Relaxed);
+        assert_eq!((client.start(), client.start(), client.start()), (1, 1, 1));
+        client.endpoints[1].broken_at.store(client.millis().max(1), Ordering::Relaxed);
+        assert_eq!((client.start(), client.start()), (1, 0), "all broken: round robin again");
     }
 
     #[test]

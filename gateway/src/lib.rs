@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod consistency;
 mod idempotency;
 pub mod identity_client;
 mod observe;
@@ -46,6 +47,9 @@ pub struct GatewayConfig {
     /// How long a command route waits for its command service, retries on other instances
     /// included.
     pub command_timeout_ms: u64,
+    /// How long a query with `Keel-Consistency` tokens waits for its projection to pass them
+    /// before it answers with what it has (`Keel-Stale: true`).
+    pub consistency_timeout_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -55,6 +59,7 @@ impl Default for GatewayConfig {
             identity_endpoints: vec!["http://127.0.0.1:50051".into()],
             max_body_bytes: 64 * 1024,
             command_timeout_ms: 15_000,
+            consistency_timeout_ms: 3_000,
         }
     }
 }
@@ -65,6 +70,7 @@ impl GatewayConfig {
         use keel_runtime::config::ensure;
         ensure(self.max_body_bytes > 0, "gateway.max_body_bytes", "must be positive")?;
         ensure(self.command_timeout_ms > 0, "gateway.command_timeout_ms", "must be positive")?;
+        ensure(self.consistency_timeout_ms <= 60_000, "gateway.consistency_timeout_ms", "must be at most 60000")?;
         ensure(!self.identity_endpoints.is_empty(), "gateway.identity_endpoints", "must name at least one endpoint")?;
         for endpoint in &self.identity_endpoints {
             ensure(
@@ -90,6 +96,9 @@ fn is_grpc_url(text: &str) -> bool {
 pub struct AppState {
     pub pool: PgPool,
     pub identity: IdentityClient,
+    /// The full name of the users topic (with the configured prefix), for consistency tokens.
+    pub users_topic: String,
+    pub consistency_timeout: Duration,
 }
 
 /// Readiness: at least one identity instance answers gRPC health checks, since commands fail
@@ -185,8 +194,10 @@ pub fn router(state: AppState, health: Health, max_body_bytes: usize) -> Router 
 }
 
 /// Starts the gateway on `listener`.
+/// `users_topic` is the users topic's full name (topic prefix included).
 pub fn start(
     config: &GatewayConfig,
+    users_topic: String,
     pool: PgPool,
     lifecycle: &mut Lifecycle,
     listener: TcpListener,
@@ -195,7 +206,8 @@ pub fn start(
     let checks: Vec<Arc<dyn ReadinessCheck>> =
         vec![Arc::new(DatabaseCheck(pool.clone())), Arc::new(IdentityCheck::new(&identity))];
     let health = Health::new(checks, lifecycle.token());
-    let state = AppState { pool, identity };
+    let consistency_timeout = Duration::from_millis(config.consistency_timeout_ms);
+    let state = AppState { pool, identity, users_topic, consistency_timeout };
     lifecycle.serve_http("gateway-http", listener, router(state, health, config.max_body_bytes));
     Ok(())
 }

@@ -22,7 +22,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::{
-    AppState,
+    AppState, consistency,
     idempotency::{self, CommandScope, IDEMPOTENT_REPLAYED},
     precondition,
     problem::{JsonBody, Problem},
@@ -121,9 +121,24 @@ pub(crate) async fn change(
     Ok(command_response(StatusCode::OK, reply))
 }
 
-/// `GET /v1/users/{id}`, with the version as `ETag`.
-pub(crate) async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, Problem> {
+/// `GET /v1/users/{id}`, with the version as `ETag`; with `Keel-Consistency` tokens, once the
+/// users projection has passed them (see [`consistency`]).
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
+    let tokens = consistency::tokens(&headers, &[state.users_topic.as_str()])?;
+    let freshness = consistency::wait(&state.pool, "users", &tokens, state.consistency_timeout).await?;
+    let mut response = read(&state, id).await.map_or_else(IntoResponse::into_response, IntoResponse::into_response);
+    if let Some((name, value)) = freshness.header() {
+        response.headers_mut().insert(name, value);
+    }
+    Ok(response)
+}
+
+async fn read(state: &AppState, id: Uuid) -> Result<Response, Problem> {
     let row = sqlx::query("SELECT id, email, display_name, version FROM users WHERE id = $1")
         .bind(id)
         .fetch_optional(&state.pool)

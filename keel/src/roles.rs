@@ -5,7 +5,7 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use keel_runtime::{Health, Lifecycle, lifecycle::cancel_on_signal, postgres};
-use keel_topics::{TopicNames, kafka};
+use keel_topics::{Topic, TopicNames, kafka};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -132,7 +132,8 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
             Role::Gateway => {
                 let pool = database(config, "gateway").await?;
                 let listener = bind(&config.gateway.listen, "gateway").await?;
-                keel_gateway::start(&config.gateway, pool, &mut lifecycle, listener)?;
+                let users_topic = TopicNames::new(config.kafka.topic_prefix.clone()).name(Topic::IdentityUsers);
+                keel_gateway::start(&config.gateway, users_topic, pool, &mut lifecycle, listener)?;
             }
         }
         anyhow::Ok(())

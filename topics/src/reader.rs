@@ -82,6 +82,10 @@ impl PartitionReader {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // How long the broker may hold a fetch that found nothing new. A broker that answers
+            // a held fetch only when this runs out (nisshi does) adds half of it, on average, to
+            // the time from a commit to its projection, which read-your-writes waits for.
+            .set("fetch.wait.max.ms", "50")
             .create_with_context(watermarks.clone())
             .context("failed to create a Kafka reader")?;
         let mut assignment = TopicPartitionList::new();
