@@ -356,6 +356,30 @@ async fn a_zombie_writer_never_forks_the_state_and_loses_no_acknowledged_command
         .unwrap();
         assert_eq!(found, Some(*version as i64), "the commit at {position} is valid for readers");
     }
+    // One email registered at once through both writers of its partition: one user.
+    let registrations = join_all((0..20).map(|attempt| {
+        let (client, gateway) = (client.clone(), gateway.clone());
+        async move {
+            let body = json!({"email": "twice@example.com", "display_name": format!("Twice {attempt}")});
+            until_answered(|| client.post(format!("{gateway}/v1/users")).json(&body), &format!("twice-{attempt}"))
+                .await
+                .status
+        }
+    }))
+    .await;
+    let created = registrations.iter().filter(|status| **status == StatusCode::CREATED).count();
+    assert_eq!(created, 1, "{registrations:?}");
+    assert!(registrations.iter().all(|status| matches!(status.as_u16(), 201 | 409)), "{registrations:?}");
+    eventually(Duration::from_secs(60), "the registered email in the read model", || async {
+        let holders: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE email = 'twice@example.com'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(holders <= 1, "{holders} users hold one email");
+        (holders == 1).then_some(())
+    })
+    .await;
+
     let skipped = platform
         .metric(Role::Projector, "keel_projection_skipped_total{projection=\"users\",reason=\"invalid\"}")
         .await

@@ -217,10 +217,6 @@ impl<M: Model> Engine<M> {
         partitioning::partition_of(aggregate_id.to_string().as_bytes(), self.partitions)
     }
 
-    pub fn partitions(&self) -> i32 {
-        self.partitions
-    }
-
     /// Decides `command` here if this instance owns its partition, or says where to forward it.
     pub async fn dispatch(&self, command: Command<M>) -> Dispatch {
         let partition = self.partition_of(command.aggregate_id);
@@ -278,7 +274,8 @@ impl<M: Model> Engine<M> {
             }
         };
         let mut changes = membership.as_ref().map(Membership::watch);
-        let mut running: HashMap<i32, CancellationToken> = HashMap::new();
+        // Per partition served here: how to revoke it, and its task.
+        let mut running: HashMap<i32, (CancellationToken, tokio::task::Id)> = HashMap::new();
         let mut tasks = JoinSet::new();
         // Before the group's first rebalance, "nothing assigned" means "not yet", not "none".
         let mut rebalanced = membership.is_none();
@@ -291,7 +288,7 @@ impl<M: Model> Engine<M> {
             if rebalanced {
                 *self.assigned.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(assigned.clone());
             }
-            running.retain(|partition, revoked| {
+            running.retain(|partition, (revoked, _)| {
                 let keep = assigned.contains(partition);
                 if !keep {
                     self.writers.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(partition);
@@ -302,8 +299,8 @@ impl<M: Model> Engine<M> {
             for partition in &assigned {
                 if !running.contains_key(partition) {
                     let revoked = shutdown.child_token();
-                    running.insert(*partition, revoked.clone());
-                    tasks.spawn(self.clone().own(*partition, revoked, membership.is_some()));
+                    let task = tasks.spawn(self.clone().own(*partition, revoked.clone(), membership.is_some()));
+                    running.insert(*partition, (revoked, task.id()));
                 }
             }
             tokio::select! {
@@ -317,9 +314,22 @@ impl<M: Model> Engine<M> {
                     changed.context("the group membership stopped")?;
                     rebalanced = true;
                 }
-                Some(finished) = tasks.join_next() => {
-                    if let Err(error) = finished {
-                        tracing::error!(%error, "a partition task failed");
+                Some(finished) = tasks.join_next_with_id() => {
+                    // A task that ends while its partition is still served here failed (a
+                    // panic): forget the partition, and the next round loads it afresh.
+                    let id = match &finished {
+                        Ok((id, ())) => *id,
+                        Err(error) => error.id(),
+                    };
+                    let failed = running.iter().find(|(_, (_, task))| *task == id).map(|(partition, _)| *partition);
+                    if let Some(partition) = failed {
+                        tracing::error!(partition, outcome = ?finished.err(), "a partition task ended; reloading the partition");
+                        metrics::counter!("keel_command_partition_failures_total", "topic" => self.shared.topic.clone())
+                            .increment(1);
+                        self.writers.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&partition);
+                        if let Some((revoked, _)) = running.remove(&partition) {
+                            revoked.cancel();
+                        }
                     }
                 }
             }
@@ -354,10 +364,19 @@ impl<M: Model> Engine<M> {
         let (commands_tx, commands_rx) = mpsc::channel(self.shared.settings.queue_capacity);
         let served = commands_tx.clone();
         self.writers.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(partition, commands_tx);
-        if announce && let Err(error) = self.owners.claim(partition).await {
-            // Forwarding to this instance waits for the next claim; its own commands are served.
-            tracing::error!(partition, error = %format!("{error:#}"), "failed to announce partition ownership");
-        }
+        let claim = if announce && !revoked.is_cancelled() {
+            match self.owners.claim(partition).await {
+                Ok(claim) => Some(claim),
+                Err(error) => {
+                    // Forwarding to this instance waits for the next claim; its own commands are
+                    // served.
+                    tracing::error!(partition, error = %format!("{error:#}"), "failed to announce partition ownership");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         writer.run(commands_rx, revoked).await;
         {
             // Revoked while it was being installed: take it out, so commands go to the owner.
@@ -367,7 +386,9 @@ impl<M: Model> Engine<M> {
             }
         }
         drop(served);
-        if announce && let Err(error) = self.owners.release(partition).await {
+        if let Some(claim) = claim
+            && let Err(error) = self.owners.release(partition, claim).await
+        {
             tracing::warn!(partition, error = %format!("{error:#}"), "failed to withdraw partition ownership");
         }
     }

@@ -12,13 +12,16 @@ use uuid::Uuid;
 pub struct OwnerDirectory {
     pool: PgPool,
     topic: String,
-    instance: Uuid,
     endpoint: String,
 }
 
+/// One spell of ownership of a partition; only it can withdraw its own row.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim(Uuid);
+
 impl OwnerDirectory {
     pub fn new(pool: PgPool, topic: String, endpoint: String) -> Self {
-        Self { pool, topic, instance: Uuid::now_v7(), endpoint }
+        Self { pool, topic, endpoint }
     }
 
     /// Where this instance takes forwarded commands.
@@ -26,7 +29,8 @@ impl OwnerDirectory {
         &self.endpoint
     }
 
-    pub async fn claim(&self, partition: i32) -> anyhow::Result<()> {
+    pub async fn claim(&self, partition: i32) -> anyhow::Result<Claim> {
+        let claim = Claim(Uuid::now_v7());
         sqlx::query(
             "INSERT INTO command_owners (topic, partition, instance, endpoint, since) VALUES ($1, $2, $3, $4, now())
              ON CONFLICT (topic, partition) DO UPDATE
@@ -34,20 +38,21 @@ impl OwnerDirectory {
         )
         .bind(&self.topic)
         .bind(partition)
-        .bind(self.instance)
+        .bind(claim.0)
         .bind(&self.endpoint)
         .execute(&self.pool)
         .await
         .context("failed to record partition ownership")?;
-        Ok(())
+        Ok(claim)
     }
 
-    /// Removes this instance's row, not a row a newer owner wrote meanwhile.
-    pub async fn release(&self, partition: i32) -> anyhow::Result<()> {
+    /// Removes the row of `claim`, not a row a newer owner (or a newer spell of this instance's)
+    /// wrote meanwhile.
+    pub async fn release(&self, partition: i32, claim: Claim) -> anyhow::Result<()> {
         sqlx::query("DELETE FROM command_owners WHERE topic = $1 AND partition = $2 AND instance = $3")
             .bind(&self.topic)
             .bind(partition)
-            .bind(self.instance)
+            .bind(claim.0)
             .execute(&self.pool)
             .await
             .context("failed to withdraw partition ownership")?;

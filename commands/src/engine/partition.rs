@@ -102,6 +102,13 @@ impl<M: Model> PartitionState<M> {
         self.admit(offset, header, events)
     }
 
+    /// The rule's verdict on a commit at the current state, without applying it.
+    pub fn check(&self, header: &CommitHeader) -> Verdict {
+        self.entries
+            .get(&header.aggregate_id)
+            .map_or_else(|| StreamState::default().check(header), |entry| entry.stream.check(header))
+    }
+
     /// Skips an unreadable record: every reader skips it alike.
     pub fn skip(&mut self, offset: i64) {
         self.next_offset = self.next_offset.max(offset + 1);

@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use futures::{FutureExt, future::join_all};
 use keel_domain::DomainEvent;
 use keel_topics::{CommitHeader, EventMeta, Position, Verdict, reader::PartitionReader};
@@ -25,6 +26,9 @@ use uuid::Uuid;
 
 use super::{Model, Reply, Request, Shared, partition::PartitionState};
 use crate::{Accepted, CommandError, CommandMeta};
+
+/// How long reading a partition to its end may wait for the next record.
+const READ_BACK_STALL: Duration = Duration::from_secs(10);
 
 /// What a command comes to before anything is sent.
 enum Decision<M: Model> {
@@ -55,6 +59,15 @@ impl<M: Model> PartitionWriter<M> {
     pub async fn load(shared: Arc<Shared>, partition: i32) -> anyhow::Result<Self> {
         let started = Instant::now();
         let snapshot = shared.snapshots.load::<M::State>(partition).await?;
+        let end = shared.high_watermark(partition).await?;
+        anyhow::ensure!(
+            snapshot.next_offset <= end,
+            "the snapshot of {}/{partition} is at offset {}, past the end of the log ({end}): was the topic recreated? \
+             Not serving the partition (delete its rows in command_snapshots and command_snapshot_aggregates to \
+             rebuild it from the log)",
+            shared.topic,
+            snapshot.next_offset
+        );
         let restored = snapshot.entries.len();
         let state = PartitionState::restore(partition, snapshot.next_offset, snapshot.entries);
         let mut writer = Self { shared, state, out_of_sync: false, since_snapshot: 0, snapshot: None };
@@ -172,8 +185,11 @@ impl<M: Model> PartitionWriter<M> {
             return;
         }
         if let Some(snapshot) = self.snapshot.take() {
-            let finished = snapshot.now_or_never().expect("the snapshot task is finished");
-            self.reap(finished);
+            // Finished, but polling may still say "not yet" (the task budget): then next time.
+            match snapshot.now_or_never() {
+                Some(finished) => self.reap(finished),
+                None => return,
+            }
         }
         if self.state.dirty_count() == 0 {
             return;
@@ -211,7 +227,11 @@ impl<M: Model> PartitionWriter<M> {
         let mut reader = PartitionReader::assign(&self.shared.kafka, &self.shared.topic, [partition], &start)?
             .until_current_end(&start)
             .await?;
-        while let Some(message) = reader.next().await? {
+        // A read that stops short of the end it was promised (a broker gone, offsets that never
+        // come) must not hold the partition forever: give up, and let the caller retry.
+        while let Some(message) = tokio::time::timeout(READ_BACK_STALL, reader.next()).await.with_context(|| {
+            format!("no record of partition {partition} for {READ_BACK_STALL:?} while reading to its end")
+        })?? {
             let offset = message.offset();
             let header = match message.headers() {
                 Some(headers) => CommitHeader::from_headers(headers).map_err(|error| error.to_string()),
@@ -219,14 +239,31 @@ impl<M: Model> PartitionWriter<M> {
             };
             let decoded = match header {
                 Ok(header) => match self.shared.codec.decode(M::TOPIC, message.payload().unwrap_or_default()).await {
-                    Ok(decoded) => M::decode(&decoded).map(|events| (header, events)).map_err(|e| e.to_string()),
+                    Ok(decoded) => match M::decode(&decoded) {
+                        Ok(events) => Ok((header, Some(events))),
+                        // Readers that need only the envelope (the audit log, the rule itself)
+                        // accept this commit; skipping it here would leave this writer's
+                        // versions behind theirs and void every later commit it decides. A
+                        // commit the rule refuses anyway changes nothing; any other stops the
+                        // partition until a version of Keel that reads it takes over.
+                        Err(error) if self.state.check(&header) == Verdict::Valid => {
+                            anyhow::bail!(
+                                "the valid commit at {}/{partition}/{offset} has events this version cannot read \
+                                 ({error}); not serving the partition",
+                                self.shared.topic
+                            )
+                        }
+                        Err(_) => Ok((header, None)),
+                    },
                     Err(error) if error.is_retriable() => return Err(error.into()),
                     Err(error) => Err(error.to_string()),
                 },
                 Err(error) => Err(error),
             };
             let verdict = match decoded {
-                Ok((header, events)) if header.events.len() == events.len() => {
+                // Refused by the rule, whatever its events: applying it only records that.
+                Ok((header, None)) => self.state.apply(offset, &header, &[]),
+                Ok((header, Some(events))) if header.events.len() == events.len() => {
                     self.state.apply(offset, &header, &events)
                 }
                 Ok(_) | Err(_) => {

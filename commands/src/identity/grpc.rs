@@ -47,7 +47,7 @@ impl IdentityCommands for IdentityGrpc {
         tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
         let email = Email::parse(&request.email).map_err(|error| invalid(error.to_string()))?;
         let display_name = DisplayName::parse(&request.display_name).map_err(|error| invalid(error.to_string()))?;
-        let id = registration_id(meta.command_id, &email, self.engine.partitions());
+        let id = registration_id(&email);
         let command = Command {
             aggregate_id: id,
             expected_version: None,
@@ -149,7 +149,10 @@ fn not_owner() -> Status {
 
 fn domain_error(error: UserError) -> CommandError {
     match error {
-        UserError::EmailTaken | UserError::AlreadyRegistered(_) => CommandError::Rejected(error.to_string()),
+        // The registered user's id is the email's: name neither the id nor who holds it.
+        UserError::EmailTaken | UserError::AlreadyRegistered(_) => {
+            CommandError::Rejected(UserError::EmailTaken.to_string())
+        }
         UserError::NotRegistered => CommandError::NotFound(error.to_string()),
     }
 }

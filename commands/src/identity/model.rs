@@ -4,15 +4,15 @@ use std::collections::HashMap;
 
 use apache_avro::types::Value;
 use keel_domain::identity::{Email, User, UserEvent};
-use keel_topics::{CodecError, Decoded, Topic, identity as wire, partitioning};
+use keel_topics::{CodecError, Decoded, Topic, identity as wire};
 use uuid::Uuid;
 
 use crate::engine::Model;
 
 pub struct Users;
 
-/// Which user holds an email. Registrations of one email all land on one partition (see
-/// [`registration_id`]), so a partition's index is the whole truth for its emails.
+/// Which user holds an email: registrations of one email are one aggregate (see
+/// [`registration_id`]), so the index only gives the refusal its proper reason.
 #[derive(Debug, Default)]
 pub struct Emails(HashMap<Email, Uuid>);
 
@@ -53,17 +53,19 @@ impl Model for Users {
     }
 }
 
-/// The id of the user a registration creates: derived from the command id, so that a retried
-/// registration is the same command on the same aggregate and gets the first result back, and
-/// chosen among such ids so that it falls on the email's partition. Every registration of an
-/// email is then decided by one owner, against one index, which keeps emails unique without
-/// coordination between owners.
-pub fn registration_id(command_id: Uuid, email: &Email, partitions: i32) -> Uuid {
-    let target = partitioning::partition_of(email.as_str().as_bytes(), partitions);
-    (0u32..)
-        .map(|attempt| Uuid::new_v5(&command_id, &attempt.to_be_bytes()))
-        .find(|id| partitioning::partition_of(id.to_string().as_bytes(), partitions) == target)
-        .expect("some derived id falls on every partition")
+/// Keel's namespace for ids derived from names (UUIDv5).
+const USER_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d75_7365_7273_2d76_3100_0001);
+
+/// The id of the user a registration of `email` creates: derived from the email, so that two
+/// registrations of one email are two commits on one aggregate at version 0, and the shared rule
+/// lets exactly one of them be valid, whichever writers decided them (two owners during a
+/// rebalance, a zombie). A retried registration is the same command on the same aggregate and
+/// gets the first result back.
+///
+/// The id is a name-based hash of the email: whoever can guess an email can compute its id. The
+/// email stays personal data in the log; erasing it (a later issue) must account for this.
+pub fn registration_id(email: &Email) -> Uuid {
+    Uuid::new_v5(&USER_ID_NAMESPACE, email.as_str().as_bytes())
 }
 
 #[cfg(test)]
@@ -71,13 +73,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn registration_ids_are_deterministic_and_on_the_emails_partition() {
-        let email = Email::parse("ada@example.com").unwrap();
-        let command = Uuid::now_v7();
-        let id = registration_id(command, &email, 8);
-        assert_eq!(id, registration_id(command, &email, 8));
-        assert_ne!(id, registration_id(Uuid::now_v7(), &email, 8));
-        let partition = |key: &str| partitioning::partition_of(key.as_bytes(), 8);
-        assert_eq!(partition(&id.to_string()), partition(email.as_str()));
+    fn one_email_one_user_id() {
+        let email = Email::parse("Ada@Example.com").unwrap();
+        assert_eq!(registration_id(&email), registration_id(&Email::parse("ada@example.com").unwrap()));
+        assert_ne!(registration_id(&email), registration_id(&Email::parse("bo@example.com").unwrap()));
     }
 }
