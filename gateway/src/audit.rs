@@ -8,6 +8,8 @@
 use axum::{
     Json,
     extract::{Query, State, rejection::QueryRejection},
+    http::HeaderMap,
+    response::{IntoResponse, Response},
 };
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
@@ -15,7 +17,7 @@ use serde_json::Value;
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use crate::{AppState, problem::Problem};
+use crate::{AppState, consistency, problem::Problem};
 
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
@@ -81,11 +83,23 @@ pub(crate) struct AuditPage {
 /// `GET /v1/audit?actor=&aggregate=&event_type=&from=&to=&limit=&cursor=`
 pub(crate) async fn list(
     State(state): State<AppState>,
+    headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Json<AuditPage>, Problem> {
+) -> Result<Response, Problem> {
     let Query(pairs) = query.map_err(|_| Problem::bad_request("the query string is malformed"))?;
     let query = AuditQuery::parse(pairs)?;
-    let mut items = fetch(&state, &query).await.map_err(|error| {
+    let tokens = consistency::tokens(&headers, &[state.users_topic.as_str()])?;
+    let freshness = consistency::wait(&state.pool, "audit", &tokens, state.consistency_timeout).await?;
+    let mut response = page(&state, &query).await?.into_response();
+    if let Some((name, value)) = freshness.header() {
+        response.headers_mut().insert(name, value);
+    }
+    Ok(response)
+}
+
+/// One page of entries matching `query`.
+async fn page(state: &AppState, query: &AuditQuery) -> Result<Json<AuditPage>, Problem> {
+    let mut items = fetch(state, query).await.map_err(|error| {
         tracing::error!(error = %error, "failed to read the audit log");
         Problem::from_code(keel_proto::ErrorCode::Unavailable)
     })?;

@@ -58,12 +58,28 @@ async fn a_query_with_the_token_of_a_command_sees_it_and_says_when_it_cannot() {
 
     for iteration in 1..=ITERATIONS {
         let name = format!("n{iteration}");
+        let sent_at = chrono::Utc::now() - chrono::Duration::seconds(1);
         let changed = client.patch(&url).json(&json!({"display_name": name})).send().await.unwrap();
         assert_eq!(changed.status(), StatusCode::OK);
-        let (status, stale, user) = read(&client, &url, &token(&changed)).await;
+        let token = token(&changed);
+        let (status, stale, user) = read(&client, &url, &token).await;
         assert_eq!((status, stale.as_deref()), (StatusCode::OK, Some("false")), "iteration {iteration}");
         assert_eq!(user["display_name"], name.as_str(), "iteration {iteration} reads its own write");
         assert_eq!(user["version"], iteration + 1);
+        if iteration % 100 == 0 {
+            // The audit log is a projection of its own, with its own checkpoints.
+            let from = sent_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            let audit_url = format!("{gateway}/v1/audit?aggregate={id}&limit=500&from={from}");
+            let (status, stale, page) = read(&client, &audit_url, &token).await;
+            assert_eq!((status, stale.as_deref()), (StatusCode::OK, Some("false")));
+            let versions: Vec<u64> = page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|item| item["aggregate_version"].as_u64().unwrap())
+                .collect();
+            assert!(versions.contains(&(iteration + 1)), "the audit entry of iteration {iteration}");
+        }
     }
 
     // Tokens name the route's topics, in the documented form.
