@@ -9,8 +9,9 @@ use std::{
 use anyhow::{Context, anyhow};
 use keel_runtime::KafkaConfig;
 use keel_topics::{
-    CommitHeader, SchemaRegistryCodec, StreamState, Topic, TopicNames, Verdict, kafka,
+    SchemaRegistryCodec, StreamState, Topic, TopicNames, Verdict, kafka,
     reader::{PartitionKey, PartitionReader},
+    record::{self, Record},
 };
 use rdkafka::message::{Message, OwnedMessage};
 use serde::{Deserialize, Serialize};
@@ -463,19 +464,10 @@ pub(crate) async fn read(
     let Some(topic) = topic else {
         return Ok(unreadable(format!("unknown topic {}", message.topic())));
     };
-    let header = match message.headers().map(CommitHeader::from_headers) {
-        Some(Ok(header)) => header,
-        Some(Err(error)) => return Ok(unreadable(error.to_string())),
-        None => return Ok(unreadable("no headers".into())),
+    let (header, decoded) = match record::read(codec, topic, message).await.context("failed to decode a record")? {
+        Record::Commit { header, decoded } => (header, decoded),
+        Record::Unreadable { reason } => return Ok(unreadable(reason)),
     };
-    let decoded = match codec.decode(topic, message.payload().unwrap_or_default()).await {
-        Ok(decoded) => decoded,
-        Err(error) if error.is_retriable() => return Err(error).context("failed to decode a record"),
-        Err(error) => return Ok(unreadable(error.to_string())),
-    };
-    if decoded.events.len() != header.events.len() {
-        return Ok(unreadable(format!("{} events but {} event headers", decoded.events.len(), header.events.len())));
-    }
     Ok(Read::Commit(Box::new(Commit {
         topic,
         topic_name: message.topic().to_owned(),

@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod membership;
 pub mod partitioning;
 pub mod reader;
+pub mod record;
 pub mod validation;
 
 pub use catalogue::{Topic, TopicNames, TopicSpec};

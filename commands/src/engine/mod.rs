@@ -37,9 +37,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use owners::OwnerDirectory;
-pub use partition::{CommandResult, Entries, Entry, PartitionState};
-pub use snapshots::SnapshotStore;
+use owners::OwnerDirectory;
+use snapshots::SnapshotStore;
 use writer::PartitionWriter;
 
 use crate::{Accepted, CommandError, CommandMeta};

@@ -62,6 +62,7 @@ pub struct PartitionState<M: Model> {
 }
 
 impl<M: Model> PartitionState<M> {
+    #[cfg(test)]
     pub fn new(partition: i32) -> Self {
         Self::restore(partition, 0, Vec::new())
     }

@@ -18,7 +18,11 @@ use std::{
 use anyhow::Context;
 use futures::{FutureExt, future::join_all};
 use keel_domain::DomainEvent;
-use keel_topics::{CommitHeader, EventMeta, Position, Verdict, reader::PartitionReader};
+use keel_topics::{
+    CommitHeader, EventMeta, Position, Verdict,
+    reader::PartitionReader,
+    record::{self, Record},
+};
 use rdkafka::{message::Message, producer::FutureRecord};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -233,43 +237,24 @@ impl<M: Model> PartitionWriter<M> {
             format!("no record of partition {partition} for {READ_BACK_STALL:?} while reading to its end")
         })?? {
             let offset = message.offset();
-            let header = match message.headers() {
-                Some(headers) => CommitHeader::from_headers(headers).map_err(|error| error.to_string()),
-                None => Err("the record has no headers".to_owned()),
-            };
-            let decoded = match header {
-                Ok(header) => match self.shared.codec.decode(M::TOPIC, message.payload().unwrap_or_default()).await {
-                    Ok(decoded) => match M::decode(&decoded) {
-                        Ok(events) => Ok((header, Some(events))),
-                        // Readers that need only the envelope (the audit log, the rule itself)
-                        // accept this commit; skipping it here would leave this writer's
-                        // versions behind theirs and void every later commit it decides. A
-                        // commit the rule refuses anyway changes nothing; any other stops the
-                        // partition until a version of Keel that reads it takes over.
-                        Err(error) if self.state.check(&header) == Verdict::Valid => {
-                            anyhow::bail!(
-                                "the valid commit at {}/{partition}/{offset} has events this version cannot read \
-                                 ({error}); not serving the partition",
-                                self.shared.topic
-                            )
-                        }
-                        Err(_) => Ok((header, None)),
-                    },
-                    Err(error) if error.is_retriable() => return Err(error.into()),
-                    Err(error) => Err(error.to_string()),
+            let verdict = match record::read(&self.shared.codec, M::TOPIC, &message).await? {
+                Record::Commit { header, decoded } => match M::decode(&decoded) {
+                    Ok(events) => self.state.apply(offset, &header, &events),
+                    // Readers that need only the envelope (the audit log, the rule itself) accept
+                    // this commit; skipping it here would leave this writer's versions behind
+                    // theirs and void every later commit it decides. A commit the rule refuses
+                    // anyway changes nothing (applying it only records that); any other stops the
+                    // partition until a version of Keel that reads it takes over.
+                    Err(error) if self.state.check(&header) == Verdict::Valid => anyhow::bail!(
+                        "the valid commit at {}/{partition}/{offset} has events this version cannot read ({error}); \
+                         not serving the partition",
+                        self.shared.topic
+                    ),
+                    Err(_) => self.state.apply(offset, &header, &[]),
                 },
-                Err(error) => Err(error),
-            };
-            let verdict = match decoded {
-                // Refused by the rule, whatever its events: applying it only records that.
-                Ok((header, None)) => self.state.apply(offset, &header, &[]),
-                Ok((header, Some(events))) if header.events.len() == events.len() => {
-                    self.state.apply(offset, &header, &events)
-                }
-                Ok(_) | Err(_) => {
-                    // Unreadable records are skipped by every reader alike; projections send them
-                    // to the dead-letter topic.
-                    tracing::warn!(partition, offset, "skipping unreadable record");
+                Record::Unreadable { reason } => {
+                    // Skipped by every reader alike; projections send it to the dead letters.
+                    tracing::warn!(partition, offset, reason, "skipping unreadable record");
                     self.state.skip(offset);
                     None
                 }
