@@ -1,7 +1,13 @@
 //! Compiles the protos with protox (pure Rust), so building Keel needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["keel/identity/v1/identity.proto"];
+    let protos = [
+        "keel/common/v1/common.proto",
+        "keel/identity/v1/identity.proto",
+        "keel/auth/v1/auth.proto",
+        "keel/authz/v1/authz.proto",
+        "keel/blog/v1/blog.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -4,8 +4,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod authz;
+pub mod blog;
 pub mod engine;
+pub mod forward;
+pub mod grpc;
 pub mod identity;
 mod outcome;
+pub mod service;
 
 pub use outcome::{Accepted, CURRENT_VERSION_KEY, CommandError, CommandMeta};

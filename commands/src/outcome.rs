@@ -35,6 +35,12 @@ pub enum CommandError {
     Rejected(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller could not prove who they are (a wrong password, a dead refresh token).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this to this aggregate (not its author).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The command was decided against a version that is no longer current.
     #[error("the aggregate is at version {current}, not the expected one")]
     VersionConflict { current: u64 },
@@ -54,6 +60,8 @@ impl CommandError {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::Rejected(_) => ErrorCode::Conflict,
             Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Self::VersionConflict { .. } => ErrorCode::VersionConflict,
             Self::Overloaded => ErrorCode::Overloaded,
             Self::Unavailable(_) => ErrorCode::Unavailable,

@@ -4,7 +4,24 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod authz;
+pub mod blog;
 pub mod identity;
+
+/// Why an input could not become a domain value; the message is safe to show to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidValue {
+    pub field: &'static str,
+    pub reason: &'static str,
+}
+
+impl InvalidValue {
+    pub const fn new(field: &'static str, reason: &'static str) -> Self {
+        Self { field, reason }
+    }
+}
 
 /// An event-sourced aggregate.
 pub trait Aggregate: Default + Clone {

@@ -17,7 +17,11 @@ use serde_json::Value;
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use crate::{AppState, consistency, problem::Problem};
+use crate::{
+    AppState, consistency,
+    pagination::{self, Page, decode_cursor},
+    problem::Problem,
+};
 
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
@@ -73,13 +77,6 @@ struct AuditItem {
     payload: Value,
 }
 
-#[derive(Debug, Serialize)]
-pub(crate) struct AuditPage {
-    items: Vec<AuditItem>,
-    /// Pass it as `cursor` for the next page; `null` on the last page.
-    next_cursor: Option<String>,
-}
-
 /// `GET /v1/audit?actor=&aggregate=&event_type=&from=&to=&limit=&cursor=`
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -88,7 +85,10 @@ pub(crate) async fn list(
 ) -> Result<Response, Problem> {
     let Query(pairs) = query.map_err(|_| Problem::bad_request("the query string is malformed"))?;
     let query = AuditQuery::parse(pairs)?;
-    let tokens = consistency::tokens(&headers, &[state.users_topic.as_str()])?;
+    // The audit log reads every topic: a token of any is one to wait for.
+    let topics: Vec<String> = keel_topics::Topic::ALL.iter().map(|topic| state.names.name(*topic)).collect();
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let tokens = consistency::tokens(&headers, &topics)?;
     let freshness = consistency::wait(&state.pool, "audit", &tokens, state.consistency_timeout).await?;
     let mut response = page(&state, &query).await?.into_response();
     if let Some((name, value)) = freshness.header() {
@@ -98,67 +98,41 @@ pub(crate) async fn list(
 }
 
 /// One page of entries matching `query`.
-async fn page(state: &AppState, query: &AuditQuery) -> Result<Json<AuditPage>, Problem> {
-    let mut items = fetch(state, query).await.map_err(|error| {
+async fn page(state: &AppState, query: &AuditQuery) -> Result<Json<Page<AuditItem>>, Problem> {
+    let items = fetch(state, query).await.map_err(|error| {
         tracing::error!(error = %error, "failed to read the audit log");
         Problem::from_code(keel_proto::ErrorCode::Unavailable)
     })?;
-    // One row more than a page tells whether another page follows.
-    let more = items.len() as i64 > query.limit;
-    items.truncate(query.limit as usize);
-    let next_cursor = match items.last() {
-        Some(last) if more => Some(encode_cursor(&SortKey::of(last))),
-        _ => None,
-    };
-    Ok(Json(AuditPage { items, next_cursor }))
+    Ok(Json(Page::of(items, query.limit, SortKey::of)))
 }
 
 impl AuditQuery {
     /// Every parameter checked, each error naming its parameter. An empty value is no filter.
     fn parse(pairs: Vec<(String, String)>) -> Result<Self, Problem> {
-        let mut query = Self {
-            actor: None,
-            aggregate: None,
-            event_type: None,
-            from: None,
-            to: None,
-            limit: DEFAULT_LIMIT,
-            after: None,
+        let params = pagination::params(pairs, PARAMETERS)?;
+        let aggregate = params
+            .get("aggregate")
+            .map(|value| {
+                Uuid::parse_str(value).map_err(|_| Problem::bad_request("parameter `aggregate` must be a UUID"))
+            })
+            .transpose()?;
+        let query = Self {
+            actor: params.get("actor").cloned(),
+            aggregate,
+            event_type: params.get("event_type").cloned(),
+            from: params.get("from").map(|value| parse_time("from", value)).transpose()?,
+            to: params.get("to").map(|value| parse_time("to", value)).transpose()?,
+            limit: pagination::limit(&params, DEFAULT_LIMIT, MAX_LIMIT)?,
+            after: params
+                .get("cursor")
+                .map(|value| {
+                    decode_cursor::<SortKey>(value)
+                        .ok()
+                        .filter(|key| DateTime::from_timestamp_micros(key.occurred_at_us).is_some())
+                        .ok_or_else(|| Problem::bad_request("parameter `cursor` is not a cursor this route returned"))
+                })
+                .transpose()?,
         };
-        let mut seen = Vec::new();
-        for (name, value) in pairs {
-            if !PARAMETERS.contains(&name.as_str()) {
-                return Err(Problem::bad_request(format!(
-                    "unknown parameter `{name}`; known parameters: {}",
-                    PARAMETERS.join(", ")
-                )));
-            }
-            if seen.contains(&name) {
-                return Err(Problem::bad_request(format!("parameter `{name}` is given more than once")));
-            }
-            seen.push(name.clone());
-            if value.is_empty() {
-                continue;
-            }
-            match name.as_str() {
-                "actor" => query.actor = Some(value),
-                "event_type" => query.event_type = Some(value),
-                "aggregate" => {
-                    let id = Uuid::parse_str(&value)
-                        .map_err(|_| Problem::bad_request("parameter `aggregate` must be a UUID"))?;
-                    query.aggregate = Some(id);
-                }
-                "from" => query.from = Some(parse_time("from", &value)?),
-                "to" => query.to = Some(parse_time("to", &value)?),
-                "limit" => {
-                    query.limit =
-                        value.parse().ok().filter(|limit| (1..=MAX_LIMIT).contains(limit)).ok_or_else(|| {
-                            Problem::bad_request(format!("parameter `limit` must be an integer from 1 to {MAX_LIMIT}"))
-                        })?;
-                }
-                _cursor => query.after = Some(decode_cursor(&value)?),
-            }
-        }
         if let (Some(from), Some(to)) = (query.from, query.to)
             && from > to
         {
@@ -244,55 +218,8 @@ impl SortKey {
     }
 }
 
-fn encode_cursor(key: &SortKey) -> String {
-    // A struct of strings and integers always serializes.
-    base64url::encode(serde_json::to_string(key).unwrap_or_default().as_bytes())
-}
-
-fn decode_cursor(text: &str) -> Result<SortKey, Problem> {
-    base64url::decode(text)
-        .and_then(|bytes| serde_json::from_slice::<SortKey>(&bytes).ok())
-        .filter(|key| DateTime::from_timestamp_micros(key.occurred_at_us).is_some())
-        .ok_or_else(|| Problem::bad_request("parameter `cursor` is not a cursor this route returned"))
-}
-
 fn rfc3339_micros<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&time.to_rfc3339_opts(SecondsFormat::Micros, true))
-}
-
-/// Unpadded base64url (RFC 4648 §5), for cursors.
-mod base64url {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-    pub(super) fn encode(bytes: &[u8]) -> String {
-        let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
-        for chunk in bytes.chunks(3) {
-            let bits =
-                chunk.iter().enumerate().fold(0u32, |bits, (index, byte)| bits | u32::from(*byte) << (16 - 8 * index));
-            for index in 0..=chunk.len() {
-                text.push(char::from(ALPHABET[(bits >> (18 - 6 * index) & 63) as usize]));
-            }
-        }
-        text
-    }
-
-    pub(super) fn decode(text: &str) -> Option<Vec<u8>> {
-        if text.len() % 4 == 1 {
-            return None;
-        }
-        let mut bytes = Vec::with_capacity(text.len() / 4 * 3 + 2);
-        for chunk in text.as_bytes().chunks(4) {
-            let mut bits = 0u32;
-            for (index, symbol) in chunk.iter().enumerate() {
-                let value = ALPHABET.iter().position(|candidate| candidate == symbol)? as u32;
-                bits |= value << (18 - 6 * index);
-            }
-            for index in 0..chunk.len() - 1 {
-                bytes.push((bits >> (16 - 8 * index)) as u8);
-            }
-        }
-        Some(bytes)
-    }
 }
 
 #[cfg(test)]
@@ -312,34 +239,6 @@ mod tests {
         let problem = result.unwrap_err();
         assert_eq!(problem.status, 400);
         problem.detail.unwrap()
-    }
-
-    #[test]
-    fn base64url_round_trips_every_length() {
-        for length in 0..20 {
-            let bytes: Vec<u8> = (0..length).map(|index| (index * 37 + 250) as u8).collect();
-            let text = base64url::encode(&bytes);
-            assert!(!text.contains(['+', '/', '=']), "{text}");
-            assert_eq!(base64url::decode(&text), Some(bytes));
-        }
-        assert_eq!(base64url::encode(b"hello?"), "aGVsbG8_");
-        assert_eq!(base64url::decode("a"), None);
-        assert_eq!(base64url::decode("a*=="), None);
-    }
-
-    #[test]
-    fn cursors_round_trip_and_garbage_is_refused() {
-        let key = SortKey {
-            occurred_at_us: 1_764_000_000_123_456,
-            topic: "identity.users".into(),
-            partition: 3,
-            offset: 17,
-            event_index: 0,
-        };
-        assert_eq!(decode_cursor(&encode_cursor(&key)).unwrap(), key);
-        for garbage in ["%%%", "bm90IGpzb24", &base64url::encode(br#"{"occurred_at_us":1}"#)] {
-            assert_eq!(decode_cursor(garbage).unwrap_err().status, 400, "{garbage}");
-        }
     }
 
     #[test]

@@ -1,15 +1,26 @@
-//! The HTTP edge. Command routes go to command services over gRPC; query routes read the read
-//! models. Every error is `application/problem+json`.
+//! The HTTP edge. Requests pass the security pipeline ([`security`]), then command routes go to
+//! command services over gRPC and query routes read the read models. Every error is
+//! `application/problem+json`.
 
 #![forbid(unsafe_code)]
 
 mod audit;
+mod auth;
+mod cache;
+pub mod clients;
+mod commands;
 mod consistency;
 mod idempotency;
-pub mod identity_client;
+mod invalidation;
 mod observe;
+pub mod openapi;
+mod pagination;
+mod posts;
 mod precondition;
 pub mod problem;
+mod roles;
+pub mod routes;
+pub mod security;
 mod users;
 
 use std::{
@@ -20,8 +31,11 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, extract::DefaultBodyLimit, routing::get};
-use keel_runtime::{Health, Lifecycle, ReadinessCheck, postgres::DatabaseCheck};
+use anyhow::Context;
+use axum::{Router, extract::DefaultBodyLimit};
+use keel_proto::token::Expectations;
+use keel_runtime::{Health, Lifecycle, ReadinessCheck, config::ensure, postgres::DatabaseCheck};
+use keel_topics::TopicNames;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -29,9 +43,84 @@ use tonic::transport::Channel;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
-    identity_client::{IdentityClient, IdentityEndpoint},
+    cache::QueryCache,
+    clients::ServiceClient,
     problem::Problem,
+    security::{Permissions, RateLimiter, Rule, Rules, Security, StatusCache, TokenVerifier},
 };
+
+/// How the gateway checks access tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Must equal `auth.issuer`.
+    pub issuer: String,
+    /// Must equal `auth.audience`.
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: i64,
+    /// How often the key set is fetched from auth; below `auth.key_publish_ahead_secs`.
+    pub jwks_refresh_secs: u64,
+    /// How long a user's status and a session's revocation are cached: the bound on how long a
+    /// token of a deactivated user or an ended session still works here if a notification is
+    /// lost. Normally they stop within the projection's lag.
+    pub status_cache_ms: u64,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "keel".into(),
+            audience: "keel".into(),
+            leeway_secs: 30,
+            jwks_refresh_secs: 30,
+            status_cache_ms: 5_000,
+        }
+    }
+}
+
+/// The rate limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// The Redis every gateway shares limits in (`redis://host:port/db`); empty: each gateway
+    /// limits on its own, in memory.
+    pub redis_url: String,
+    /// Prefix of the Redis keys, so several installations can share a Redis.
+    pub key_prefix: String,
+    pub per_ip: Rule,
+    pub per_user: Rule,
+    pub login_per_ip: Rule,
+    pub login_per_account: Rule,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            key_prefix: "keel:rate:".into(),
+            per_ip: Rule { per_second: 100.0, burst: 200 },
+            per_user: Rule { per_second: 50.0, burst: 100 },
+            login_per_ip: Rule { per_second: 0.5, burst: 20 },
+            login_per_account: Rule { per_second: 0.1, burst: 5 },
+        }
+    }
+}
+
+/// The cache of public query answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryCacheConfig {
+    pub max_bytes: u64,
+    /// An upper bound; answers are dropped as soon as their projection changes.
+    pub ttl_ms: u64,
+}
+
+impl Default for QueryCacheConfig {
+    fn default() -> Self {
+        Self { max_bytes: 64 * 1024 * 1024, ttl_ms: 60_000 }
+    }
+}
 
 /// The `gateway` section of the configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,9 +128,12 @@ use crate::{
 pub struct GatewayConfig {
     /// The HTTP listen address.
     pub listen: String,
-    /// Instances of the identity command service (gRPC). Commands start at a different one each
-    /// time and move on to the next while one is unavailable, so list several for failover.
+    /// Instances of each command service (gRPC). Calls start at a different one each time and
+    /// move on to the next while one is unavailable, so list several for failover.
     pub identity_endpoints: Vec<String>,
+    pub auth_endpoints: Vec<String>,
+    pub authz_endpoints: Vec<String>,
+    pub blog_endpoints: Vec<String>,
     /// Larger request bodies are refused with 413.
     pub max_body_bytes: usize,
     /// How long a command route waits for its command service, retries on other instances
@@ -50,6 +142,14 @@ pub struct GatewayConfig {
     /// How long a query with `Keel-Consistency` tokens waits for its projection to pass them
     /// before it answers with what it has (`Keel-Stale: true`).
     pub consistency_timeout_ms: u64,
+    /// Take the client's address from the last `X-Forwarded-For` entry (only behind a proxy
+    /// that sets it).
+    pub trust_forwarded_for: bool,
+    pub auth: TokenConfig,
+    /// How long a permission check is cached (dropped as soon as the authz projection changes).
+    pub permission_cache_ms: u64,
+    pub rate_limit: RateLimitConfig,
+    pub query_cache: QueryCacheConfig,
 }
 
 impl Default for GatewayConfig {
@@ -57,9 +157,17 @@ impl Default for GatewayConfig {
         Self {
             listen: "127.0.0.1:8080".into(),
             identity_endpoints: vec!["http://127.0.0.1:50051".into()],
+            auth_endpoints: vec!["http://127.0.0.1:50061".into()],
+            authz_endpoints: vec!["http://127.0.0.1:50071".into()],
+            blog_endpoints: vec!["http://127.0.0.1:50081".into()],
             max_body_bytes: 64 * 1024,
             command_timeout_ms: 15_000,
             consistency_timeout_ms: 3_000,
+            trust_forwarded_for: false,
+            auth: TokenConfig::default(),
+            permission_cache_ms: 5_000,
+            rate_limit: RateLimitConfig::default(),
+            query_cache: QueryCacheConfig::default(),
         }
     }
 }
@@ -67,19 +175,46 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     /// Checks what serde cannot: ranges and URLs.
     pub fn validate(&self) -> Result<(), keel_runtime::ConfigError> {
-        use keel_runtime::config::ensure;
         ensure(self.max_body_bytes > 0, "gateway.max_body_bytes", "must be positive")?;
         ensure(self.command_timeout_ms > 0, "gateway.command_timeout_ms", "must be positive")?;
         ensure(self.consistency_timeout_ms <= 60_000, "gateway.consistency_timeout_ms", "must be at most 60000")?;
-        ensure(!self.identity_endpoints.is_empty(), "gateway.identity_endpoints", "must name at least one endpoint")?;
-        for endpoint in &self.identity_endpoints {
-            ensure(
-                is_grpc_url(endpoint),
-                "gateway.identity_endpoints",
-                "every entry must be a URL such as http://127.0.0.1:50051",
-            )?;
+        for (key, endpoints) in [
+            ("gateway.identity_endpoints", &self.identity_endpoints),
+            ("gateway.auth_endpoints", &self.auth_endpoints),
+            ("gateway.authz_endpoints", &self.authz_endpoints),
+            ("gateway.blog_endpoints", &self.blog_endpoints),
+        ] {
+            ensure(!endpoints.is_empty(), key, "must name at least one endpoint")?;
+            for endpoint in endpoints {
+                ensure(is_grpc_url(endpoint), key, "every entry must be a URL such as http://127.0.0.1:50051")?;
+            }
         }
-        Ok(())
+        ensure(self.auth.leeway_secs >= 0, "gateway.auth.leeway_secs", "must not be negative")?;
+        ensure(self.auth.jwks_refresh_secs > 0, "gateway.auth.jwks_refresh_secs", "must be positive")?;
+        let limits = &self.rate_limit;
+        for (key, rule) in [
+            ("gateway.rate_limit.per_ip", limits.per_ip),
+            ("gateway.rate_limit.per_user", limits.per_user),
+            ("gateway.rate_limit.login_per_ip", limits.login_per_ip),
+            ("gateway.rate_limit.login_per_account", limits.login_per_account),
+        ] {
+            ensure(rule.is_valid(), key, "per_second and burst must be positive")?;
+        }
+        ensure(
+            limits.redis_url.is_empty() || redis::Client::open(limits.redis_url.as_str()).is_ok(),
+            "gateway.rate_limit.redis_url",
+            "must be empty or a URL such as redis://127.0.0.1:6379/",
+        )
+    }
+
+    fn rules(&self) -> Rules {
+        let limits = &self.rate_limit;
+        Rules {
+            per_ip: limits.per_ip,
+            per_user: limits.per_user,
+            login_per_ip: limits.login_per_ip,
+            login_per_account: limits.login_per_account,
+        }
     }
 }
 
@@ -95,18 +230,29 @@ fn is_grpc_url(text: &str) -> bool {
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
-    pub identity: IdentityClient,
-    /// The full name of the users topic (with the configured prefix), for consistency tokens.
-    pub users_topic: String,
+    /// Full topic names (with the configured prefix), for consistency tokens.
+    pub names: TopicNames,
+    pub identity: ServiceClient,
+    pub auth: ServiceClient,
+    pub blog: ServiceClient,
+    pub security: Arc<Security>,
+    /// Public answers of the blog routes.
+    pub posts_cache: Arc<QueryCache>,
     pub consistency_timeout: Duration,
 }
 
-/// Readiness: at least one identity instance answers gRPC health checks, since commands fail
+impl AppState {
+    pub fn authz(&self) -> &ServiceClient {
+        self.security.permissions.client()
+    }
+}
+
+/// Readiness: at least one instance of a service answers gRPC health checks, since calls fail
 /// over to whichever does. Which instances answer is the gauge
-/// `keel_gateway_identity_endpoint_up{endpoint}`, and a log line when an instance comes or goes;
+/// `keel_gateway_endpoint_up{service,endpoint}`, and a log line when an instance comes or goes;
 /// when none does, the reason names each with its failure.
-struct IdentityCheck {
-    endpoints: Vec<IdentityEndpoint>,
+struct ServiceCheck {
+    client: ServiceClient,
     /// Whether each endpoint answered the last check, to log changes rather than every probe.
     last_up: Vec<AtomicBool>,
 }
@@ -115,38 +261,39 @@ struct IdentityCheck {
 /// does.
 const ENDPOINT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
-impl IdentityCheck {
-    fn new(client: &IdentityClient) -> Self {
-        let endpoints = client.endpoints().to_vec();
+impl ServiceCheck {
+    fn new(client: &ServiceClient) -> Self {
         // Assumed up until a check says otherwise, so a healthy start logs nothing.
-        let last_up = endpoints.iter().map(|_| AtomicBool::new(true)).collect();
-        Self { endpoints, last_up }
+        let last_up = client.endpoints().iter().map(|_| AtomicBool::new(true)).collect();
+        Self { client: client.clone(), last_up }
     }
 }
 
 #[async_trait::async_trait]
-impl ReadinessCheck for IdentityCheck {
+impl ReadinessCheck for ServiceCheck {
     fn name(&self) -> &'static str {
-        "identity"
+        self.client.service
     }
 
     async fn check(&self) -> Result<(), String> {
-        let outcomes = futures::future::join_all(self.endpoints.iter().map(|endpoint| async move {
+        let endpoints = self.client.endpoints();
+        let outcomes = futures::future::join_all(endpoints.iter().map(|endpoint| async move {
             tokio::time::timeout(ENDPOINT_CHECK_TIMEOUT, grpc_serving(&endpoint.channel))
                 .await
                 .unwrap_or_else(|_| Err(format!("no answer within {ENDPOINT_CHECK_TIMEOUT:?}")))
         }))
         .await;
+        let service = self.client.service;
         let mut failures = Vec::new();
-        for ((endpoint, outcome), last_up) in self.endpoints.iter().zip(&outcomes).zip(&self.last_up) {
+        for ((endpoint, outcome), last_up) in endpoints.iter().zip(&outcomes).zip(&self.last_up) {
             let up = outcome.is_ok();
-            metrics::gauge!("keel_gateway_identity_endpoint_up", "endpoint" => endpoint.url.clone())
+            metrics::gauge!("keel_gateway_endpoint_up", "service" => service, "endpoint" => endpoint.url.clone())
                 .set(f64::from(u8::from(up)));
             if last_up.swap(up, Ordering::Relaxed) != up {
                 match outcome {
-                    Ok(()) => tracing::info!(endpoint = %endpoint.url, "identity endpoint is serving"),
+                    Ok(()) => tracing::info!(service, endpoint = %endpoint.url, "endpoint is serving"),
                     Err(reason) => {
-                        tracing::warn!(endpoint = %endpoint.url, reason = %reason, "identity endpoint is not serving")
+                        tracing::warn!(service, endpoint = %endpoint.url, reason = %reason, "endpoint is not serving")
                     }
                 }
             }
@@ -154,10 +301,10 @@ impl ReadinessCheck for IdentityCheck {
                 failures.push(format!("{}: {reason}", endpoint.url));
             }
         }
-        if failures.len() < self.endpoints.len() {
+        if failures.len() < endpoints.len() {
             Ok(())
         } else {
-            Err(format!("no identity endpoint is serving ({})", failures.join("; ")))
+            Err(format!("no {service} endpoint is serving ({})", failures.join("; ")))
         }
     }
 }
@@ -174,12 +321,26 @@ async fn grpc_serving(channel: &Channel) -> Result<(), String> {
     }
 }
 
+/// Readiness: the keys that verify access tokens are loaded.
+struct KeysCheck(Arc<TokenVerifier>);
+
+#[async_trait::async_trait]
+impl ReadinessCheck for KeysCheck {
+    fn name(&self) -> &'static str {
+        "token-keys"
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        if self.0.has_keys() { Ok(()) } else { Err("the access-token keys are not loaded from auth yet".into()) }
+    }
+}
+
 /// The gateway's routes, with health and metrics.
 pub fn router(state: AppState, health: Health, max_body_bytes: usize) -> Router {
-    let api = Router::new()
-        .route("/v1/users", axum::routing::post(users::register))
-        .route("/v1/users/{id}", get(users::get).patch(users::change))
-        .route("/v1/audit", get(audit::list))
+    let api = routes::ROUTES
+        .iter()
+        .fold(Router::new(), |router, route| router.route(route.path, (route.handler)()))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), security::pipeline))
         .with_state(state)
         .layer(DefaultBodyLimit::max(max_body_bytes));
     Router::new()
@@ -193,21 +354,73 @@ pub fn router(state: AppState, health: Health, max_body_bytes: usize) -> Router 
         .layer(CatchPanicLayer::custom(observe::panic_response))
 }
 
-/// Starts the gateway on `listener`.
-/// `users_topic` is the users topic's full name (topic prefix included).
-pub fn start(
+/// Starts the gateway on `listener`: the security pipeline (rate limits, keys, status and
+/// permission caches), the cache invalidation listener, and the routes.
+pub async fn start(
     config: &GatewayConfig,
-    users_topic: String,
+    names: TopicNames,
     pool: PgPool,
     lifecycle: &mut Lifecycle,
     listener: TcpListener,
 ) -> anyhow::Result<()> {
-    let identity = IdentityClient::new(&config.identity_endpoints, Duration::from_millis(config.command_timeout_ms))?;
-    let checks: Vec<Arc<dyn ReadinessCheck>> =
-        vec![Arc::new(DatabaseCheck(pool.clone())), Arc::new(IdentityCheck::new(&identity))];
+    let budget = Duration::from_millis(config.command_timeout_ms);
+    let client = |service, urls: &[String]| ServiceClient::new(service, urls, budget);
+    let identity = client("identity", &config.identity_endpoints)?;
+    let auth = client("auth", &config.auth_endpoints)?;
+    let authz = client("authz", &config.authz_endpoints)?;
+    let blog = client("blog", &config.blog_endpoints)?;
+    let redis = if config.rate_limit.redis_url.is_empty() {
+        tracing::info!("no rate limit store configured: each gateway limits on its own");
+        None
+    } else {
+        let client =
+            redis::Client::open(config.rate_limit.redis_url.as_str()).context("gateway.rate_limit.redis_url")?;
+        let settings = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1);
+        // Lazy: a gateway starts (and limits in memory) while the store is down.
+        Some(redis::aio::ConnectionManager::new_lazy_with_config(client, settings).context("failed to set up Redis")?)
+    };
+    let expectations = Expectations {
+        issuer: config.auth.issuer.clone(),
+        audience: config.auth.audience.clone(),
+        leeway_secs: config.auth.leeway_secs,
+    };
+    let tokens = Arc::new(TokenVerifier::new(auth.clone(), expectations));
+    let security = Arc::new(Security {
+        limiter: RateLimiter::new(redis, &config.rate_limit.key_prefix),
+        tokens: tokens.clone(),
+        status: StatusCache::new(pool.clone(), Duration::from_millis(config.auth.status_cache_ms)),
+        permissions: Permissions::new(authz.clone(), Duration::from_millis(config.permission_cache_ms)),
+        rules: config.rules(),
+        trust_forwarded_for: config.trust_forwarded_for,
+    });
+    let posts_cache =
+        Arc::new(QueryCache::new(config.query_cache.max_bytes, Duration::from_millis(config.query_cache.ttl_ms)));
+    let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
+        Arc::new(DatabaseCheck(pool.clone())),
+        Arc::new(KeysCheck(tokens.clone())),
+        Arc::new(ServiceCheck::new(&identity)),
+        Arc::new(ServiceCheck::new(&auth)),
+        Arc::new(ServiceCheck::new(&authz)),
+        Arc::new(ServiceCheck::new(&blog)),
+    ];
     let health = Health::new(checks, lifecycle.token());
-    let consistency_timeout = Duration::from_millis(config.consistency_timeout_ms);
-    let state = AppState { pool, identity, users_topic, consistency_timeout };
+    lifecycle
+        .spawn("gateway token keys", tokens.run(Duration::from_secs(config.auth.jwks_refresh_secs), lifecycle.token()));
+    let caches = invalidation::Caches { security: security.clone(), posts: posts_cache.clone() };
+    lifecycle.spawn("gateway cache invalidation", invalidation::run(pool.clone(), caches, lifecycle.token()));
+    let state = AppState {
+        pool,
+        names,
+        identity,
+        auth,
+        blog,
+        security,
+        posts_cache,
+        consistency_timeout: Duration::from_millis(config.consistency_timeout_ms),
+    };
     lifecycle.serve_http("gateway-http", listener, router(state, health, config.max_body_bytes));
     Ok(())
 }
@@ -217,7 +430,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn identity_endpoints_must_be_present_and_urls() {
+    fn endpoints_must_be_present_and_urls() {
         assert!(GatewayConfig::default().validate().is_ok());
         let with = |endpoints: &[&str]| GatewayConfig {
             identity_endpoints: endpoints.iter().map(|endpoint| (*endpoint).to_owned()).collect(),
@@ -227,5 +440,15 @@ mod tests {
         for endpoints in [&[][..], &["127.0.0.1:50051"], &["http://a:1", "not a url"], &["ftp://a:1"]] {
             assert!(with(endpoints).validate().is_err(), "{endpoints:?}");
         }
+    }
+
+    #[test]
+    fn limits_must_admit_something() {
+        let mut config = GatewayConfig::default();
+        config.rate_limit.per_user = Rule { per_second: 0.0, burst: 10 };
+        assert!(config.validate().is_err());
+        let mut config = GatewayConfig::default();
+        config.rate_limit.redis_url = "not a url".into();
+        assert!(config.validate().is_err());
     }
 }

@@ -1,123 +1,226 @@
-//! `/v1/users`: register and change (commands), read back (query).
-//!
-//! Command responses carry what a caller needs to go on without another read:
-//! - `ETag: "<version>"`, the aggregate's version after the command, for the next `If-Match`;
-//! - `Keel-Position: <topic>/<partition>/<offset>`, where the command's commit landed, when it
-//!   appended one. It is a consistency token: a read model that has applied that offset of that
-//!   partition reflects the command. A command that changed nothing has no position;
-//! - `Idempotent-Replayed: true` when the request repeated an `Idempotency-Key` whose command
-//!   had already been applied: the response is that first result, nothing was applied again.
+//! `/v1/users`: register (with a password), read, update the profile, change the email,
+//! deactivate, erase personal data.
 
 use axum::{
-    Json,
+    Extension, Json,
     extract::{Path, State},
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use keel_proto::identity::v1::{
-    ChangeDisplayNameRequest, CommandMetadata, CommandReply, Position, RegisterUserRequest,
+use keel_domain::{
+    auth::Password,
+    identity::{Email, UserId},
 };
+use keel_proto::{
+    auth::v1::{SetPasswordRequest, auth_client::AuthClient},
+    identity::v1::{
+        ChangeEmailRequest, RegisterUserRequest, UpdateProfileRequest, UserCommandRequest,
+        identity_commands_client::IdentityCommandsClient,
+    },
+};
+use keel_topics::Topic;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use uuid::Uuid;
 
 use crate::{
-    AppState, consistency,
-    idempotency::{self, CommandScope, IDEMPOTENT_REPLAYED},
+    AppState,
+    commands::{command_response, created, metadata, parse_id, rejected},
+    consistency,
+    idempotency::{self, CommandScope},
     precondition,
     problem::{JsonBody, Problem},
+    security::Caller,
 };
-
-/// The consistency token of a command response; see the module documentation.
-const KEEL_POSITION: HeaderName = HeaderName::from_static("keel-position");
-/// Until callers authenticate, every command is issued by the same actor.
-const ACTOR: &str = "anonymous";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RegisterBody {
     email: String,
     display_name: String,
+    password: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ChangeBody {
-    display_name: String,
+pub(crate) struct ProfileBody {
+    display_name: Option<String>,
+    bio: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct PositionBody {
-    topic: String,
-    partition: i32,
-    offset: i64,
-}
-
-/// The body of a command response.
-#[derive(Debug, Serialize)]
-struct CommandBody {
-    id: String,
-    version: i64,
-    /// `null` when the command changed nothing.
-    position: Option<PositionBody>,
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EmailBody {
+    email: String,
 }
 
 #[derive(Debug, Serialize)]
 pub(crate) struct UserBody {
     id: Uuid,
-    email: String,
-    display_name: String,
+    /// `null` once the user's personal data is erased.
+    email: Option<String>,
+    display_name: Option<String>,
+    bio: String,
+    status: String,
     version: i64,
 }
 
-/// `POST /v1/users`: 201 with `Location`, also when the request is a replay.
+fn invalid(error: keel_domain::InvalidValue) -> Problem {
+    Problem::from_code(keel_proto::ErrorCode::InvalidArgument).detail(error.to_string())
+}
+
+/// `POST /v1/users`: 201 with `Location`, also when the request is a replay. The password is
+/// stored (hashed, by auth) before the user is registered, under the id the registration will
+/// have: a failure in between leaves credentials of a user who never exists, which nobody can use,
+/// and a retry with the same `Idempotency-Key` finishes the registration.
 pub(crate) async fn register(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> Result<Response, Problem> {
-    let scope = CommandScope { method: "POST", route: "/v1/users", aggregate: "", actor: ACTOR };
+    let email = Email::parse(&body.email).map_err(invalid)?;
+    Password::parse(&body.password, &email).map_err(invalid)?;
+    let actor = caller.actor();
+    let scope = CommandScope { method: "POST", route: "/v1/users", aggregate: "", actor: &actor };
     let command_id = idempotency::command_id(&headers, scope)?;
+    let user_id = UserId::for_registration(command_id);
+    let password = SetPasswordRequest {
+        metadata: Some(metadata(&headers, Uuid::new_v5(&command_id, b"SetPassword"), &caller)),
+        user_id: user_id.to_string(),
+        email: body.email.clone(),
+        password: body.password,
+    };
+    state
+        .auth
+        .send("SetPassword", password, |channel, request| async move {
+            AuthClient::new(channel).set_password(request).await
+        })
+        .await
+        .map_err(|status| rejected("set password", &status))?;
     let request = RegisterUserRequest {
-        metadata: Some(metadata(&headers, command_id)),
+        metadata: Some(metadata(&headers, command_id, &caller)),
         email: body.email,
         display_name: body.display_name,
     };
-    let reply = state.identity.register_user(request).await.map_err(|status| rejected("register", &status))?;
+    let reply = state
+        .identity
+        .send("RegisterUser", request, |channel, request| async move {
+            IdentityCommandsClient::new(channel).register_user(request).await
+        })
+        .await
+        .map_err(|status| rejected("register", &status))?;
     if reply.position.is_none() && !reply.replayed {
         // A registration always appends; a reply without a position is a broken contract.
         tracing::error!(%command_id, "identity registered a user without a position");
         return Err(Problem::internal());
     }
-    let location = HeaderValue::try_from(format!("/v1/users/{}", reply.aggregate_id)).map_err(|_| {
-        tracing::error!(%command_id, "identity returned an aggregate id that is no header value");
-        Problem::internal()
-    })?;
-    let mut response = command_response(StatusCode::CREATED, reply);
-    response.headers_mut().insert(header::LOCATION, location);
-    Ok(response)
+    created(format!("/v1/users/{}", reply.aggregate_id), reply)
 }
 
-/// `PATCH /v1/users/{id}` with `{"display_name": …}`, optionally conditional on `If-Match`.
-pub(crate) async fn change(
+/// `PATCH /v1/users/{id}` with `{"display_name"?, "bio"?}`, optionally conditional on `If-Match`.
+pub(crate) async fn update_profile(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<ChangeBody>,
+    JsonBody(body): JsonBody<ProfileBody>,
 ) -> Result<Response, Problem> {
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "user")?;
     let expected_version = precondition::expected_version(&headers)?;
-    let aggregate = id.to_string();
-    let scope = CommandScope { method: "PATCH", route: "/v1/users/{id}", aggregate: &aggregate, actor: ACTOR };
-    let command_id = idempotency::command_id(&headers, scope)?;
-    let request = ChangeDisplayNameRequest {
-        metadata: Some(metadata(&headers, command_id)),
-        user_id: aggregate,
+    let command_id = idempotency::command_id_of(&headers, "PATCH", "/v1/users/{id}", &id.to_string(), &caller)?;
+    let request = UpdateProfileRequest {
+        metadata: Some(metadata(&headers, command_id, &caller)),
+        user_id: id.to_string(),
         display_name: body.display_name,
+        bio: body.bio,
         expected_version,
     };
-    let reply =
-        state.identity.change_display_name(request).await.map_err(|status| rejected("change display name", &status))?;
+    let reply = state
+        .identity
+        .send("UpdateProfile", request, |channel, request| async move {
+            IdentityCommandsClient::new(channel).update_profile(request).await
+        })
+        .await
+        .map_err(|status| rejected("update profile", &status))?;
+    Ok(command_response(StatusCode::OK, reply))
+}
+
+/// `PUT /v1/users/{id}/email` with `{"email"}`: the address must not be anyone else's.
+pub(crate) async fn change_email(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<EmailBody>,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id, "user")?;
+    let expected_version = precondition::expected_version(&headers)?;
+    let command_id = idempotency::command_id_of(&headers, "PUT", "/v1/users/{id}/email", &id.to_string(), &caller)?;
+    let request = ChangeEmailRequest {
+        metadata: Some(metadata(&headers, command_id, &caller)),
+        user_id: id.to_string(),
+        email: body.email,
+        expected_version,
+    };
+    let reply = state
+        .identity
+        .send("ChangeEmail", request, |channel, request| async move {
+            IdentityCommandsClient::new(channel).change_email(request).await
+        })
+        .await
+        .map_err(|status| rejected("change email", &status))?;
+    Ok(command_response(StatusCode::OK, reply))
+}
+
+/// `POST /v1/users/{id}/deactivate`: the account's tokens stop working.
+pub(crate) async fn deactivate(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id, "user")?;
+    let command_id =
+        idempotency::command_id_of(&headers, "POST", "/v1/users/{id}/deactivate", &id.to_string(), &caller)?;
+    let request = UserCommandRequest {
+        metadata: Some(metadata(&headers, command_id, &caller)),
+        user_id: id.to_string(),
+        expected_version: precondition::expected_version(&headers)?,
+    };
+    let reply = state
+        .identity
+        .send("Deactivate", request, |channel, request| async move {
+            IdentityCommandsClient::new(channel).deactivate(request).await
+        })
+        .await
+        .map_err(|status| rejected("deactivate", &status))?;
+    Ok(command_response(StatusCode::OK, reply))
+}
+
+/// `DELETE /v1/users/{id}/personal-data`: the user's personal data is erased everywhere it can
+/// be read (its key is shredded, so the log's copy is ciphertext nobody can open).
+pub(crate) async fn erase(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id, "user")?;
+    let command_id =
+        idempotency::command_id_of(&headers, "DELETE", "/v1/users/{id}/personal-data", &id.to_string(), &caller)?;
+    let request = UserCommandRequest {
+        metadata: Some(metadata(&headers, command_id, &caller)),
+        user_id: id.to_string(),
+        expected_version: precondition::expected_version(&headers)?,
+    };
+    let reply = state
+        .identity
+        .send("ErasePersonalData", request, |channel, request| async move {
+            IdentityCommandsClient::new(channel).erase_personal_data(request).await
+        })
+        .await
+        .map_err(|status| rejected("erase personal data", &status))?;
     Ok(command_response(StatusCode::OK, reply))
 }
 
@@ -128,8 +231,9 @@ pub(crate) async fn get(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let id = parse_id(&id)?;
-    let tokens = consistency::tokens(&headers, &[state.users_topic.as_str()])?;
+    let id = parse_id(&id, "user")?;
+    let users = state.names.name(Topic::IdentityUsers);
+    let tokens = consistency::tokens(&headers, &[users.as_str()])?;
     let freshness = consistency::wait(&state.pool, "users", &tokens, state.consistency_timeout).await?;
     let mut response = read(&state, id).await.map_or_else(IntoResponse::into_response, IntoResponse::into_response);
     if let Some((name, value)) = freshness.header() {
@@ -139,7 +243,7 @@ pub(crate) async fn get(
 }
 
 async fn read(state: &AppState, id: Uuid) -> Result<Response, Problem> {
-    let row = sqlx::query("SELECT id, email, display_name, version FROM users WHERE id = $1")
+    let row = sqlx::query("SELECT id, email, display_name, bio, status, version FROM users WHERE id = $1")
         .bind(id)
         .fetch_optional(&state.pool)
         .await
@@ -149,91 +253,13 @@ async fn read(state: &AppState, id: Uuid) -> Result<Response, Problem> {
         })?
         .ok_or_else(|| Problem::not_found(format!("no user {id}")))?;
     let version: i64 = row.get("version");
-    let body = UserBody { id: row.get("id"), email: row.get("email"), display_name: row.get("display_name"), version };
-    Ok(([(header::ETAG, precondition::entity_tag(version))], Json(body)).into_response())
-}
-
-fn parse_id(id: &str) -> Result<Uuid, Problem> {
-    Uuid::parse_str(id).map_err(|_| Problem::bad_request("the user id must be a UUID"))
-}
-
-fn metadata(headers: &HeaderMap, command_id: Uuid) -> CommandMetadata {
-    CommandMetadata {
-        command_id: command_id.to_string(),
-        actor: ACTOR.into(),
-        correlation_id: correlation_id(headers).unwrap_or(command_id).to_string(),
-        traceparent: header_text(headers, "traceparent").unwrap_or_default(),
-    }
-}
-
-/// A refused or failed command as a problem; the status itself, which may name internals, only
-/// goes to the log.
-fn rejected(command: &'static str, status: &tonic::Status) -> Problem {
-    let problem = Problem::from_status(status);
-    if problem.status >= 500 {
-        tracing::warn!(command, code = ?status.code(), message = status.message(), "command failed");
-    } else {
-        tracing::info!(command, code = ?status.code(), message = status.message(), "command refused");
-    }
-    problem
-}
-
-/// The response to an applied (or replayed) command, with the headers the module documents.
-fn command_response(status: StatusCode, reply: CommandReply) -> Response {
-    let position_header = reply.position.as_ref().and_then(position_token);
-    let body = CommandBody {
-        id: reply.aggregate_id,
-        version: reply.version,
-        position: reply.position.map(|Position { topic, partition, offset }| PositionBody { topic, partition, offset }),
+    let body = UserBody {
+        id: row.get("id"),
+        email: row.get("email"),
+        display_name: row.get("display_name"),
+        bio: row.get("bio"),
+        status: row.get("status"),
+        version,
     };
-    let mut response = (status, Json(body)).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::ETAG, precondition::entity_tag(reply.version));
-    if let Some(position) = position_header {
-        headers.insert(KEEL_POSITION, position);
-    }
-    if reply.replayed {
-        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    }
-    response
-}
-
-/// `<topic>/<partition>/<offset>`. Kafka topic names cannot contain `/`, so the token splits
-/// unambiguously.
-fn position_token(position: &Position) -> Option<HeaderValue> {
-    HeaderValue::try_from(format!("{}/{}/{}", position.topic, position.partition, position.offset)).ok()
-}
-
-fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name)?.to_str().ok().map(str::to_owned)
-}
-
-fn correlation_id(headers: &HeaderMap) -> Option<Uuid> {
-    header_text(headers, "x-correlation-id")?.parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reply(position: Option<Position>, replayed: bool) -> CommandReply {
-        CommandReply { aggregate_id: "0193a6c2-7f5e-7d43-9a1b-2c3d4e5f6a7b".into(), version: 4, position, replayed }
-    }
-
-    #[test]
-    fn a_command_response_carries_version_position_and_replay() {
-        let position = Position { topic: "identity.users".into(), partition: 3, offset: 17 };
-        let response = command_response(StatusCode::OK, reply(Some(position), true));
-        assert_eq!(response.headers()[header::ETAG], "\"4\"");
-        assert_eq!(response.headers()[KEEL_POSITION], "identity.users/3/17");
-        assert_eq!(response.headers()[IDEMPOTENT_REPLAYED], "true");
-    }
-
-    #[test]
-    fn a_command_that_changed_nothing_has_no_position() {
-        let response = command_response(StatusCode::OK, reply(None, false));
-        assert_eq!(response.headers()[header::ETAG], "\"4\"");
-        assert!(!response.headers().contains_key(KEEL_POSITION));
-        assert!(!response.headers().contains_key(IDEMPOTENT_REPLAYED));
-    }
+    Ok(([(header::ETAG, precondition::entity_tag(version))], Json(body)).into_response())
 }

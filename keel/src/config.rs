@@ -1,9 +1,10 @@
 //! The whole configuration tree of a Keel installation; each role reads the sections it needs.
 
-use keel_commands::identity::IdentityConfig;
+use keel_commands::{auth::AuthConfig, authz::AuthzConfig, blog::BlogConfig, identity::IdentityConfig};
 use keel_gateway::GatewayConfig;
 use keel_projections::ProjectorConfig;
 use keel_runtime::{ConfigError, DatabaseConfig, KafkaConfig, LogConfig, ShutdownConfig, config::ensure};
+use keel_topics::PersonalDataConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -16,7 +17,11 @@ pub struct KeelConfig {
     pub topics: TopicsConfig,
     pub schema_registry: SchemaRegistryConfig,
     pub registry: RegistryConfig,
+    pub personal_data: PersonalDataConfig,
     pub identity: IdentityConfig,
+    pub auth: AuthConfig,
+    pub authz: AuthzConfig,
+    pub blog: BlogConfig,
     pub projector: ProjectorConfig,
     pub gateway: GatewayConfig,
 }
@@ -68,7 +73,11 @@ impl KeelConfig {
         ensure(self.topics.replication_factor > 0, "topics.replication_factor", "must be positive")?;
         ensure(self.schema_registry.url.starts_with("http"), "schema_registry.url", "must be an http(s) URL")?;
         self.log.validate()?;
+        self.personal_data.validate()?;
         self.identity.validate()?;
+        self.auth.validate()?;
+        self.authz.validate()?;
+        self.blog.validate()?;
         self.projector.validate()?;
         self.gateway.validate()
     }

@@ -31,6 +31,12 @@ enum Command {
     Registry,
     /// Run the identity command service (gRPC).
     Identity,
+    /// Run the auth command service: passwords, sessions, token signing keys (gRPC).
+    Auth,
+    /// Run the authz command service: roles, grants, permission checks (gRPC).
+    Authz,
+    /// Run the blog command service: posts and comments (gRPC).
+    Blog,
     /// Run the projection workers (read models and audit log).
     Projector,
     /// Run the HTTP gateway.
@@ -52,6 +58,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The keys that sign access tokens.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Print the stored records of a topic, decoded (sensitive fields redacted by default).
     Replay(replay::ReplayArgs),
     /// Projections: status, rebuilds, dead letters.
@@ -70,6 +81,15 @@ enum TopicsCommand {
 enum ConfigCommand {
     /// Print the effective configuration, secrets redacted.
     Dump,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make the next signing key now; it signs after `auth.key_publish_ahead_secs`, once every
+    /// gateway has it. Tokens signed by the current key stay valid until they expire.
+    Rotate,
+    /// The keys, with when each signs.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

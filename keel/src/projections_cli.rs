@@ -60,30 +60,30 @@ enum DlqCommand {
     Retry { projection: String },
 }
 
-fn projection(name: &str) -> anyhow::Result<std::sync::Arc<dyn keel_projections::Projection>> {
-    keel_projections::projection(name).with_context(|| {
-        let known: Vec<&str> = keel_projections::all_projections().iter().map(|p| p.name()).collect();
-        format!("unknown projection `{name}`; known: {}", known.join(", "))
-    })
+fn projection(projector: &Projector, name: &str) -> anyhow::Result<std::sync::Arc<dyn keel_projections::Projection>> {
+    projector
+        .projection(name)
+        .with_context(|| format!("unknown projection `{name}`; known: {}", keel_projections::NAMES.join(", ")))
 }
 
 pub async fn run(args: ProjectionsArgs, config: &KeelConfig) -> anyhow::Result<ExitCode> {
     let pool = postgres::pool(&config.database, "keel-projections-cli")?;
-    let projector =
-        Projector::new(config.projector.clone(), config.kafka.clone(), &config.schema_registry.url, pool.clone())?;
+    let projector = Projector::new(
+        config.projector.clone(),
+        config.kafka.clone(),
+        &config.schema_registry.url,
+        pool.clone(),
+        &config.personal_data,
+    )?;
     match args.command {
         ProjectionsCommand::Status => {
-            let report = keel_projections::status::report(
-                &pool,
-                &config.kafka,
-                &projector.names,
-                &keel_projections::all_projections(),
-            )
-            .await?;
+            let report =
+                keel_projections::status::report(&pool, &config.kafka, &projector.names, &projector.projections)
+                    .await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         ProjectionsCommand::Rebuild { name, from_offset, from_time } => {
-            let projection = projection(&name)?;
+            let projection = projection(&projector, &name)?;
             let start = match (from_offset, from_time) {
                 (Some(offset), _) => StartFrom::Offset(offset),
                 (None, Some(time)) => StartFrom::Time(time),
@@ -129,7 +129,7 @@ pub async fn run(args: ProjectionsArgs, config: &KeelConfig) -> anyhow::Result<E
             }
         }
         ProjectionsCommand::Resume { name } => {
-            projection(&name)?;
+            projection(&projector, &name)?;
             if keel_projections::resume(&pool, &name).await? {
                 println!("`{name}` resumed");
             } else {
@@ -138,14 +138,14 @@ pub async fn run(args: ProjectionsArgs, config: &KeelConfig) -> anyhow::Result<E
         }
         ProjectionsCommand::Dlq { command: DlqCommand::List { projection: name, all } } => {
             if let Some(name) = &name {
-                projection(name)?;
+                projection(&projector, name)?;
             }
             for letter in dead_letters::list(&pool, name.as_deref(), all).await? {
                 println!("{}", serde_json::to_string(&letter)?);
             }
         }
         ProjectionsCommand::Dlq { command: DlqCommand::Retry { projection: name } } => {
-            let projection = projection(&name)?;
+            let projection = projection(&projector, &name)?;
             let outcomes =
                 dead_letters::retry(&pool, &config.kafka, &projector.codec, &projector.names, projection).await?;
             let failed = outcomes.iter().filter(|outcome| outcome.error.is_some()).count();

@@ -119,15 +119,22 @@ pub async fn run(args: ReplayArgs, config: &KeelConfig) -> anyhow::Result<ExitCo
     let ranges = resolve_ranges(&consumer, &topic_name, &partitions, args.from, args.to, args.follow)?;
     let codec = SchemaRegistryCodec::new(&config.schema_registry.url, names)
         .context("failed to create the schema registry client")?;
+    // Sensitive fields are sealed: showing them takes their keys.
+    let vault = if args.show_sensitive {
+        let pool = keel_runtime::postgres::pool(&config.database, "keel-replay")?;
+        Some(keel_topics::Vault::new(pool, &config.personal_data)?)
+    } else {
+        None
+    };
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let mut replay = Replay {
         consumer,
         codec,
+        vault,
         topic,
         topic_name,
         format: args.format,
-        show_sensitive: args.show_sensitive,
         follow: args.follow,
         out: BufWriter::new(io::stdout()),
         summary: Summary::default(),
@@ -295,7 +302,8 @@ struct Replay {
     topic: Topic,
     topic_name: String,
     format: Format,
-    show_sensitive: bool,
+    /// The keys of sealed fields, with `--show-sensitive`.
+    vault: Option<keel_topics::Vault>,
     follow: bool,
     out: BufWriter<Stdout>,
     summary: Summary,
@@ -384,7 +392,7 @@ impl Replay {
             Err(error) => return Ok(Err(format!("envelope: {error}"))),
         };
         let Some(payload) = message.payload() else { return Ok(Err("the record has no value".into())) };
-        let decoded = match self.decode_value(payload).await? {
+        let mut decoded = match self.decode_value(payload).await? {
             Ok(decoded) => decoded,
             Err(error) => return Ok(Err(error)),
         };
@@ -393,7 +401,16 @@ impl Replay {
                 EnvelopeError::EventCountMismatch { headers: header.events.len(), events: decoded.events.len() };
             return Ok(Err(format!("envelope: {error}")));
         }
-        Ok(Ok(CommitView::new(&header, &decoded, self.show_sensitive)))
+        let shown = match &self.vault {
+            None => Shown::Redacted,
+            Some(vault) => match vault.open(&header, &mut decoded).await {
+                Ok(keel_topics::Opened::Clear) => Shown::Clear,
+                Ok(keel_topics::Opened::Forgotten) => Shown::Erased,
+                Err(keel_topics::VaultError::Seal(error)) => return Ok(Err(format!("sealed fields: {error}"))),
+                Err(error) => return Err(anyhow::Error::new(error).context("failed to read the keys of sealed fields")),
+            },
+        };
+        Ok(Ok(CommitView::new(&header, &decoded, shown)))
     }
 
     /// The decoded value, retrying while the registry does not answer: an outage is not a
@@ -473,8 +490,18 @@ struct EventView {
     data: Json,
 }
 
+/// How sensitive fields are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    Redacted,
+    /// As stored, opened with their key (`--show-sensitive`).
+    Clear,
+    /// Their key was erased: `[erased]`.
+    Erased,
+}
+
 impl CommitView {
-    fn new(header: &CommitHeader, decoded: &Decoded, show_sensitive: bool) -> Self {
+    fn new(header: &CommitHeader, decoded: &Decoded, shown: Shown) -> Self {
         let events = header
             .events
             .iter()
@@ -485,7 +512,11 @@ impl CommitView {
                 event_type: meta.event_type.clone(),
                 schema_version: meta.schema_version,
                 aggregate_version: header.expected_version + index as u64 + 1,
-                data: if show_sensitive { avro_json::unredacted(event) } else { avro_json::redacted(event) },
+                data: match shown {
+                    Shown::Redacted => avro_json::redacted(event),
+                    Shown::Clear => avro_json::unredacted(event),
+                    Shown::Erased => avro_json::erased(event),
+                },
             })
             .collect();
         Self {

@@ -5,18 +5,21 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use keel_runtime::{Health, Lifecycle, lifecycle::cancel_on_signal, postgres};
-use keel_topics::{Topic, TopicNames, kafka};
+use keel_topics::{TopicNames, kafka};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{AuditCommand, Command, ConfigCommand, TopicsCommand, config::KeelConfig};
+use crate::{AuditCommand, Command, ConfigCommand, KeysCommand, TopicsCommand, config::KeelConfig};
 
 /// The long-running roles.
 #[derive(Debug, Clone, Copy)]
 enum Role {
     Registry,
     Identity,
+    Auth,
+    Authz,
+    Blog,
     Projector,
     Gateway,
 }
@@ -27,6 +30,9 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
     match command {
         Command::Registry => serve(Role::Registry, &config).await?,
         Command::Identity => serve(Role::Identity, &config).await?,
+        Command::Auth => serve(Role::Auth, &config).await?,
+        Command::Authz => serve(Role::Authz, &config).await?,
+        Command::Blog => serve(Role::Blog, &config).await?,
         Command::Projector => serve(Role::Projector, &config).await?,
         Command::Gateway => serve(Role::Gateway, &config).await?,
         Command::Migrate => {
@@ -57,6 +63,36 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
                         broken.topic, broken.partition, broken.offset, broken.event_index, broken.sequence
                     );
                     return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        Command::Keys { command } => {
+            let pool = postgres::pool(&config.database, "keel-keys")?;
+            migrate(&pool).await?;
+            let kek = config.auth.kek().context("auth.key_encryption_key is validated with the configuration")?;
+            match command {
+                KeysCommand::Rotate => {
+                    let ahead = Duration::from_secs(config.auth.key_publish_ahead_secs);
+                    let kid = keel_commands::auth::keys::create_key(
+                        &pool,
+                        &kek,
+                        ahead,
+                        keel_commands::auth::keys::Unless::Never,
+                    )
+                    .await?
+                    .context("a key is always made")?;
+                    println!("made key {kid}; it signs in {}s", ahead.as_secs());
+                }
+                KeysCommand::List => {
+                    let rows: Vec<(String, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
+                        sqlx::query_as(
+                            "SELECT kid, created_at, activates_at FROM auth_signing_keys ORDER BY activates_at",
+                        )
+                        .fetch_all(&pool)
+                        .await?;
+                    for (kid, created_at, activates_at) in rows {
+                        println!("{kid}\tmade {}\tsigns from {}", created_at.to_rfc3339(), activates_at.to_rfc3339());
+                    }
                 }
             }
         }
@@ -109,6 +145,53 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 let admin = bind(&config.identity.admin_listen, "identity admin").await?;
                 keel_commands::identity::start(
                     &config.identity,
+                    &config.personal_data,
+                    &config.kafka,
+                    &config.schema_registry.url,
+                    pool,
+                    &mut lifecycle,
+                    grpc,
+                    admin,
+                )
+                .await?;
+            }
+            Role::Auth => {
+                let pool = database(config, "auth").await?;
+                let grpc = bind(&config.auth.grpc_listen, "auth gRPC").await?;
+                let admin = bind(&config.auth.admin_listen, "auth admin").await?;
+                keel_commands::auth::start(
+                    &config.auth,
+                    &config.personal_data,
+                    &config.kafka,
+                    &config.schema_registry.url,
+                    pool,
+                    &mut lifecycle,
+                    grpc,
+                    admin,
+                )
+                .await?;
+            }
+            Role::Authz => {
+                let pool = database(config, "authz").await?;
+                let grpc = bind(&config.authz.grpc_listen, "authz gRPC").await?;
+                let admin = bind(&config.authz.admin_listen, "authz admin").await?;
+                keel_commands::authz::start(
+                    &config.authz,
+                    &config.kafka,
+                    &config.schema_registry.url,
+                    pool,
+                    &mut lifecycle,
+                    grpc,
+                    admin,
+                )
+                .await?;
+            }
+            Role::Blog => {
+                let pool = database(config, "blog").await?;
+                let grpc = bind(&config.blog.grpc_listen, "blog gRPC").await?;
+                let admin = bind(&config.blog.admin_listen, "blog admin").await?;
+                keel_commands::blog::start(
+                    &config.blog,
                     &config.kafka,
                     &config.schema_registry.url,
                     pool,
@@ -126,14 +209,15 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                     config.kafka.clone(),
                     &config.schema_registry.url,
                     pool,
+                    &config.personal_data,
                 )?;
                 keel_projections::start(projector, &mut lifecycle, admin).await?;
             }
             Role::Gateway => {
                 let pool = database(config, "gateway").await?;
                 let listener = bind(&config.gateway.listen, "gateway").await?;
-                let users_topic = TopicNames::new(config.kafka.topic_prefix.clone()).name(Topic::IdentityUsers);
-                keel_gateway::start(&config.gateway, users_topic, pool, &mut lifecycle, listener)?;
+                let names = TopicNames::new(config.kafka.topic_prefix.clone());
+                keel_gateway::start(&config.gateway, names, pool, &mut lifecycle, listener).await?;
             }
         }
         anyhow::Ok(())

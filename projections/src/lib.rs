@@ -7,10 +7,13 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod authz;
+pub mod blog;
 pub mod dead_letters;
 mod projection;
 pub mod rebuild;
 mod runner;
+pub mod sessions;
 pub mod status;
 mod store;
 pub mod users;
@@ -20,7 +23,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use keel_runtime::{Health, KafkaConfig, Lifecycle, ReadinessCheck, postgres::DatabaseCheck};
-use keel_topics::{SchemaRegistryCodec, TopicNames, kafka::BrokerCheck};
+use keel_topics::{PersonalDataConfig, SchemaRegistryCodec, TopicNames, Vault, kafka::BrokerCheck};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -66,7 +69,7 @@ impl ProjectorConfig {
         keel_runtime::config::ensure(self.batch_timeout_ms > 0, "projector.batch_timeout_ms", "must be positive")?;
         for name in self.on_poison_overrides.keys() {
             keel_runtime::config::ensure(
-                projection(name).is_some(),
+                NAMES.contains(&name.as_str()),
                 "projector.on_poison_overrides",
                 "names a projection this build does not have",
             )?;
@@ -83,14 +86,18 @@ impl ProjectorConfig {
     }
 }
 
-/// Every projection this build knows.
-pub fn all_projections() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(users::UsersProjection), Arc::new(audit::AuditProjection)]
-}
+/// The names of every projection this build knows, in the order of [`catalogue`].
+pub const NAMES: &[&str] = &["users", "audit", "sessions", "authz", "blog"];
 
-/// A projection by name.
-pub fn projection(name: &str) -> Option<Arc<dyn Projection>> {
-    all_projections().into_iter().find(|projection| projection.name() == name)
+/// Every projection this build knows. The users projection opens personal data with `vault`.
+pub fn catalogue(vault: Vault) -> Vec<Arc<dyn Projection>> {
+    vec![
+        Arc::new(users::UsersProjection::new(vault)),
+        Arc::new(audit::AuditProjection),
+        Arc::new(sessions::SessionsProjection),
+        Arc::new(authz::AuthzProjection),
+        Arc::new(blog::BlogProjection),
+    ]
 }
 
 /// What the projector's tasks share.
@@ -102,14 +109,27 @@ pub struct Projector {
     pub pool: PgPool,
     pub codec: SchemaRegistryCodec,
     pub dead_letters: dead_letters::DeadLetters,
+    pub projections: Vec<Arc<dyn Projection>>,
 }
 
 impl Projector {
-    pub fn new(config: ProjectorConfig, kafka: KafkaConfig, registry_url: &str, pool: PgPool) -> anyhow::Result<Self> {
+    pub fn new(
+        config: ProjectorConfig,
+        kafka: KafkaConfig,
+        registry_url: &str,
+        pool: PgPool,
+        personal_data: &PersonalDataConfig,
+    ) -> anyhow::Result<Self> {
         let names = TopicNames::new(kafka.topic_prefix.clone());
         let codec = SchemaRegistryCodec::new(registry_url, names.clone())?;
         let dead_letters = dead_letters::DeadLetters::new(&kafka, &names)?;
-        Ok(Self { config, kafka, names, pool, codec, dead_letters })
+        let projections = catalogue(Vault::new(pool.clone(), personal_data)?);
+        Ok(Self { config, kafka, names, pool, codec, dead_letters, projections })
+    }
+
+    /// A projection by name.
+    pub fn projection(&self, name: &str) -> Option<Arc<dyn Projection>> {
+        self.projections.iter().find(|projection| projection.name() == name).cloned()
     }
 
     /// A runner for one version of a projection.
@@ -236,14 +256,14 @@ pub async fn start(projector: Projector, lifecycle: &mut Lifecycle, admin_listen
     let admin = keel_runtime::admin::router(Health::new(checks, lifecycle.token()))
         .merge(Router::new().route("/admin/projections", get(admin_projections)).with_state(projector.clone()));
     lifecycle.serve_http("projector-admin", admin_listener, admin);
-    for projection in all_projections() {
+    for projection in projector.projections.clone() {
         let name = format!("projection {}", projection.name());
         lifecycle.spawn(name, projector.clone().supervise(projection, lifecycle.token()));
     }
     let janitor = projector.clone();
     let token = lifecycle.token();
     lifecycle.spawn("projection janitor", async move {
-        let projections = all_projections();
+        let projections = janitor.projections.clone();
         loop {
             if let Err(error) = rebuild::drop_expired(&janitor.pool, &projections).await {
                 tracing::warn!(error = %format!("{error:#}"), "failed to drop retired projection versions");
@@ -258,7 +278,7 @@ pub async fn start(projector: Projector, lifecycle: &mut Lifecycle, admin_listen
 }
 
 async fn admin_projections(State(projector): State<Projector>) -> axum::response::Response {
-    match status::report(&projector.pool, &projector.kafka, &projector.names, &all_projections()).await {
+    match status::report(&projector.pool, &projector.kafka, &projector.names, &projector.projections).await {
         Ok(report) => Json(report).into_response(),
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "failed to report projection status");

@@ -288,6 +288,14 @@ impl Worker<'_> {
                 return Ok(Batch::Stopped);
             }
         };
+        if events > 0 {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(keel_topics::APPLIED_CHANNEL)
+                .bind(name)
+                .execute(&mut *transaction)
+                .await
+                .context("failed to announce a batch")?;
+        }
         transaction.commit().await.context("failed to commit a batch")?;
         self.checkpoints = next;
         metrics::counter!("keel_projection_events_total", "projection" => name).increment(events);

@@ -1,49 +1,70 @@
-//! The `users` read model.
+//! The `users` read model: every user with their profile and account status. Personal data
+//! arrives sealed and is opened with the user's key; an erasure empties the row and shreds the
+//! key in the same transaction, so the row and the key go together, exactly once.
 
-use std::collections::{HashMap, hash_map::Entry};
+use std::collections::HashMap;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use keel_domain::identity::UserEvent;
-use keel_topics::{Topic, identity};
+use keel_topics::{Opened, Topic, Vault, identity};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::{Commit, Projection, TableSpec, Tables};
 
-pub struct UsersProjection;
+pub struct UsersProjection {
+    vault: Vault,
+}
 
+impl UsersProjection {
+    pub fn new(vault: Vault) -> Self {
+        Self { vault }
+    }
+}
+
+/// The columns are those of version 1 (migration 2) and the ones migration 6 added to it, in
+/// that order, so that every version has the same shape.
 const TABLES: &[TableSpec] = &[TableSpec {
     name: "users",
     ddl: "CREATE TABLE {table} (
               id            uuid        PRIMARY KEY,
-              email         text        NOT NULL,
-              display_name  text        NOT NULL,
+              email         text,
+              display_name  text,
               version       bigint      NOT NULL,
               registered_at timestamptz NOT NULL,
-              updated_at    timestamptz NOT NULL
+              updated_at    timestamptz NOT NULL,
+              bio           text        NOT NULL DEFAULT '',
+              status        text        NOT NULL DEFAULT 'active'
           );
           -- Not unique: uniqueness is decided by the identity service; the read model mirrors the log.
           CREATE INDEX {table}_email ON {table} (email);",
     view: true,
 }];
 
+const ERASED: &str = "erased";
+
 /// A user row as a batch leaves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Row {
-    email: String,
-    display_name: String,
+    email: Option<String>,
+    display_name: Option<String>,
+    bio: String,
+    status: &'static str,
     version: i64,
     registered_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
-/// The latest display name change of a user registered before the batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Rename {
-    display_name: String,
+/// The changed columns of a user registered before the batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Change {
+    email: Option<String>,
+    display_name: Option<String>,
+    bio: Option<String>,
+    status: Option<&'static str>,
     version: i64,
-    updated_at: DateTime<Utc>,
+    updated_at: Option<DateTime<Utc>>,
 }
 
 /// A batch folded per user: one write per user, however many of its events the batch holds.
@@ -51,57 +72,80 @@ struct Rename {
 struct Fold {
     /// Users registered in the batch, as full rows with every later change applied.
     rows: HashMap<Uuid, Row>,
-    /// Users registered in an earlier batch: their rows exist, only the changed columns are set.
-    renames: HashMap<Uuid, Rename>,
+    /// Users registered in an earlier batch: their rows exist, only changed columns are set.
+    changes: HashMap<Uuid, Change>,
+    /// Users registered earlier and erased in the batch, with the version and time of it.
+    erased: HashMap<Uuid, (i64, DateTime<Utc>)>,
 }
 
 impl Fold {
-    /// Adds one event at the aggregate version it produced.
-    fn add(&mut self, event: UserEvent, version: i64, at: DateTime<Utc>) {
-        match event {
-            UserEvent::Registered(registered) => {
-                let mut row = Row {
-                    email: registered.email.as_str().to_owned(),
-                    display_name: registered.display_name.as_str().to_owned(),
+    /// Adds one event at the aggregate version it produced. Events come in log order; one seen
+    /// again (a redelivery, a rebuild) is older than what the fold has and changes nothing.
+    fn add(&mut self, user: Uuid, event: UserEvent, version: i64, at: DateTime<Utc>) {
+        if let UserEvent::Registered(registered) = &event {
+            self.changes.remove(&user);
+            self.erased.remove(&user);
+            self.rows.insert(
+                user,
+                Row {
+                    email: Some(registered.email.as_str().to_owned()),
+                    display_name: Some(registered.display_name.as_str().to_owned()),
+                    bio: String::new(),
+                    status: "active",
                     version,
                     registered_at: at,
                     updated_at: at,
-                };
-                // Cannot happen in log order, but a change folded before its registration must
-                // not be lost.
-                if let Some(rename) = self.renames.remove(&registered.id.as_uuid()) {
-                    rename.apply_to(&mut row);
-                }
-                self.rows.insert(registered.id.as_uuid(), row);
+                },
+            );
+            return;
+        }
+        let erases = matches!(event, UserEvent::PersonalDataErased { .. } | UserEvent::Forgotten { .. });
+        if let Some(row) = self.rows.get_mut(&user) {
+            if row.version >= version {
+                return;
             }
-            UserEvent::DisplayNameChanged(changed) => {
-                let rename = Rename { display_name: changed.display_name.as_str().to_owned(), version, updated_at: at };
-                if let Some(row) = self.rows.get_mut(&changed.id.as_uuid()) {
-                    rename.apply_to(row);
-                } else {
-                    match self.renames.entry(changed.id.as_uuid()) {
-                        Entry::Occupied(mut latest) if latest.get().version < rename.version => {
-                            latest.insert(rename);
-                        }
-                        Entry::Occupied(_) => {}
-                        Entry::Vacant(slot) => {
-                            slot.insert(rename);
-                        }
-                    }
+            row.version = version;
+            row.updated_at = at;
+            match event {
+                _ if erases => {
+                    (row.email, row.display_name, row.bio, row.status) = (None, None, String::new(), ERASED);
                 }
+                UserEvent::DisplayNameChanged(changed) => row.display_name = Some(changed.display_name.into()),
+                UserEvent::BioChanged(changed) => row.bio = changed.bio.into(),
+                UserEvent::EmailChanged(changed) => row.email = Some(changed.email.into()),
+                UserEvent::Deactivated { .. } => row.status = "deactivated",
+                _ => {}
             }
+            return;
+        }
+        if erases {
+            self.changes.remove(&user);
+            let latest = self.erased.entry(user).or_insert((version, at));
+            *latest = (version.max(latest.0), at);
+            return;
+        }
+        if self.erased.contains_key(&user) {
+            return;
+        }
+        let change = self.changes.entry(user).or_default();
+        if change.version >= version {
+            return;
+        }
+        change.version = version;
+        change.updated_at = Some(at);
+        match event {
+            UserEvent::DisplayNameChanged(changed) => change.display_name = Some(changed.display_name.into()),
+            UserEvent::BioChanged(changed) => change.bio = Some(changed.bio.into()),
+            UserEvent::EmailChanged(changed) => change.email = Some(changed.email.into()),
+            UserEvent::Deactivated { .. } => change.status = Some("deactivated"),
+            _ => {}
         }
     }
-}
 
-impl Rename {
-    /// Only a newer change counts: a batch may see an event again (a redelivery, a rebuild).
-    fn apply_to(self, row: &mut Row) {
-        if row.version < self.version {
-            row.display_name = self.display_name;
-            row.version = self.version;
-            row.updated_at = self.updated_at;
-        }
+    /// The users whose keys go with this batch.
+    fn shredded(&self) -> Vec<Uuid> {
+        let in_batch = self.rows.iter().filter(|(_, row)| row.status == ERASED).map(|(id, _)| *id);
+        in_batch.chain(self.erased.keys().copied()).collect()
     }
 }
 
@@ -111,6 +155,8 @@ impl Projection for UsersProjection {
         "users"
     }
 
+    /// Still 1: the same events make the same rows as before; the events added since only
+    /// made new columns, which migration 6 added to every version's table.
     fn code_version(&self) -> i32 {
         1
     }
@@ -124,19 +170,33 @@ impl Projection for UsersProjection {
     }
 
     async fn apply(&self, connection: &mut PgConnection, tables: Tables, commits: &[Commit]) -> anyhow::Result<()> {
+        let sealed: Vec<Uuid> =
+            commits.iter().filter(|commit| commit.header.sealed).map(|commit| commit.header.aggregate_id).collect();
+        self.vault.prefetch(&sealed).await.context("failed to load personal data keys")?;
         let mut fold = Fold::default();
         for commit in commits {
-            let events = identity::decode(&commit.decoded).context("a valid users commit decodes")?;
+            let mut decoded = commit.decoded.clone();
+            let events = match self.vault.open(&commit.header, &mut decoded).await? {
+                Opened::Clear => identity::decode(&decoded),
+                Opened::Forgotten => identity::forgotten(&commit.header),
+            }
+            .context("a valid users commit decodes")?;
             let at = commit.header.occurred_at;
             for (index, event) in events.into_iter().enumerate() {
                 // Each event of a commit is one version past the one before it.
                 let version = (commit.header.expected_version + index as u64 + 1) as i64;
-                fold.add(event, version, at);
+                fold.add(commit.header.aggregate_id, event, version, at);
             }
         }
         let table = tables.name("users");
         upsert_registered(connection, &table, &fold.rows).await?;
-        update_renamed(connection, &table, &fold.renames).await
+        update_changed(connection, &table, &fold.changes).await?;
+        erase(connection, &table, &fold.erased).await?;
+        for user in fold.shredded() {
+            keel_topics::vault::shred_in(connection, user).await.context("failed to shred a key")?;
+            self.vault.forget(user);
+        }
+        Ok(())
     }
 }
 
@@ -150,82 +210,103 @@ async fn upsert_registered(
     if rows.is_empty() {
         return Ok(());
     }
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut emails = Vec::with_capacity(rows.len());
-    let mut names = Vec::with_capacity(rows.len());
-    let mut versions = Vec::with_capacity(rows.len());
-    let mut registered = Vec::with_capacity(rows.len());
-    let mut updated = Vec::with_capacity(rows.len());
-    for (id, row) in rows {
-        ids.push(*id);
-        emails.push(row.email.as_str());
-        names.push(row.display_name.as_str());
-        versions.push(row.version);
-        registered.push(row.registered_at);
-        updated.push(row.updated_at);
-    }
+    let ids: Vec<Uuid> = rows.keys().copied().collect();
+    let rows: Vec<&Row> = ids.iter().map(|id| &rows[id]).collect();
     let statement = format!(
-        "INSERT INTO {table} AS existing (id, email, display_name, version, registered_at, updated_at)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[], $6::timestamptz[])
+        "INSERT INTO {table} AS existing (id, email, display_name, bio, status, version, registered_at, updated_at)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                              $7::timestamptz[], $8::timestamptz[])
          ON CONFLICT (id) DO UPDATE SET
              email = excluded.email,
              display_name = excluded.display_name,
+             bio = excluded.bio,
+             status = excluded.status,
              version = excluded.version,
              updated_at = excluded.updated_at
          WHERE existing.version < excluded.version"
     );
     sqlx::query(sqlx::AssertSqlSafe(statement))
         .bind(&ids)
-        .bind(&emails)
-        .bind(&names)
-        .bind(&versions)
-        .bind(&registered)
-        .bind(&updated)
+        .bind(rows.iter().map(|row| row.email.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.display_name.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.bio.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.status).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.version).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.registered_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.updated_at).collect::<Vec<_>>())
         .execute(&mut *connection)
         .await
         .context("failed to upsert users")?;
     Ok(())
 }
 
-/// Sets the display name of users registered before the batch. A user without a row (its
+/// Sets the changed columns of users registered before the batch. A user without a row (its
 /// registration was dead-lettered) stays without one: the change has nothing to apply to.
-async fn update_renamed(
+async fn update_changed(
     connection: &mut PgConnection,
     table: &str,
-    renames: &HashMap<Uuid, Rename>,
+    changes: &HashMap<Uuid, Change>,
 ) -> anyhow::Result<()> {
-    if renames.is_empty() {
+    if changes.is_empty() {
         return Ok(());
     }
-    let mut ids = Vec::with_capacity(renames.len());
-    let mut names = Vec::with_capacity(renames.len());
-    let mut versions = Vec::with_capacity(renames.len());
-    let mut updated = Vec::with_capacity(renames.len());
-    for (id, rename) in renames {
-        ids.push(*id);
-        names.push(rename.display_name.as_str());
-        versions.push(rename.version);
-        updated.push(rename.updated_at);
-    }
+    let ids: Vec<Uuid> = changes.keys().copied().collect();
+    let changes: Vec<&Change> = ids.iter().map(|id| &changes[id]).collect();
     let statement = format!(
-        "UPDATE {table} AS u SET display_name = c.display_name, version = c.version, updated_at = c.updated_at
-         FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::timestamptz[]) AS c(id, display_name, version, updated_at)
+        "UPDATE {table} AS u SET
+             email = coalesce(c.email, u.email),
+             display_name = coalesce(c.display_name, u.display_name),
+             bio = coalesce(c.bio, u.bio),
+             status = coalesce(c.status, u.status),
+             version = c.version,
+             updated_at = c.updated_at
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::timestamptz[])
+             AS c(id, email, display_name, bio, status, version, updated_at)
+         WHERE u.id = c.id AND u.version < c.version AND u.status <> '{ERASED}'"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .bind(&ids)
+        .bind(changes.iter().map(|change| change.email.as_deref()).collect::<Vec<_>>())
+        .bind(changes.iter().map(|change| change.display_name.as_deref()).collect::<Vec<_>>())
+        .bind(changes.iter().map(|change| change.bio.as_deref()).collect::<Vec<_>>())
+        .bind(changes.iter().map(|change| change.status).collect::<Vec<_>>())
+        .bind(changes.iter().map(|change| change.version).collect::<Vec<_>>())
+        .bind(changes.iter().map(|change| change.updated_at).collect::<Vec<_>>())
+        .execute(&mut *connection)
+        .await
+        .context("failed to update changed users")?;
+    Ok(())
+}
+
+/// Empties the personal columns of users registered before the batch and erased in it.
+async fn erase(
+    connection: &mut PgConnection,
+    table: &str,
+    erased: &HashMap<Uuid, (i64, DateTime<Utc>)>,
+) -> anyhow::Result<()> {
+    if erased.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = erased.keys().copied().collect();
+    let statement = format!(
+        "UPDATE {table} AS u SET email = NULL, display_name = NULL, bio = '', status = '{ERASED}',
+                                version = c.version, updated_at = c.updated_at
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[]) AS c(id, version, updated_at)
          WHERE u.id = c.id AND u.version < c.version"
     );
     sqlx::query(sqlx::AssertSqlSafe(statement))
         .bind(&ids)
-        .bind(&names)
-        .bind(&versions)
-        .bind(&updated)
+        .bind(ids.iter().map(|id| erased[id].0).collect::<Vec<_>>())
+        .bind(ids.iter().map(|id| erased[id].1).collect::<Vec<_>>())
         .execute(&mut *connection)
         .await
-        .context("failed to update renamed users")?;
+        .context("failed to erase users")?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use keel_domain::identity::{DisplayName, DisplayNameChanged, Email, UserId, UserRegistered};
+    use keel_domain::identity::{Bio, BioChanged, DisplayName, DisplayNameChanged, Email, UserId, UserRegistered};
 
     use super::*;
 
@@ -249,36 +330,45 @@ mod tests {
     fn a_change_after_a_registration_in_the_batch_updates_its_row() {
         let id = UserId::new();
         let mut fold = Fold::default();
-        fold.add(registered(id), 1, at(0));
-        fold.add(changed(id, "Ada L."), 2, at(1));
+        fold.add(id.as_uuid(), registered(id), 1, at(0));
+        fold.add(id.as_uuid(), changed(id, "Ada L."), 2, at(1));
         let row = &fold.rows[&id.as_uuid()];
-        assert_eq!((row.display_name.as_str(), row.version), ("Ada L.", 2));
+        assert_eq!((row.display_name.as_deref(), row.version), (Some("Ada L."), 2));
         assert_eq!((row.registered_at, row.updated_at), (at(0), at(1)));
-        assert!(fold.renames.is_empty());
+        assert!(fold.changes.is_empty());
     }
 
     #[test]
-    fn changes_of_users_registered_earlier_keep_the_latest() {
+    fn changes_of_users_registered_earlier_merge_and_keep_the_latest() {
         let id = UserId::new();
         let mut fold = Fold::default();
-        fold.add(changed(id, "Ada L."), 2, at(1));
-        fold.add(changed(id, "Ada Lovelace"), 3, at(2));
+        fold.add(id.as_uuid(), changed(id, "Ada L."), 2, at(1));
+        fold.add(id.as_uuid(), UserEvent::BioChanged(BioChanged { id, bio: Bio::parse("Poet").unwrap() }), 3, at(2));
+        fold.add(id.as_uuid(), changed(id, "Ada Lovelace"), 4, at(3));
         // Seen again (a redelivery): older than what the batch has.
-        fold.add(changed(id, "Ada L."), 2, at(1));
+        fold.add(id.as_uuid(), changed(id, "Ada L."), 2, at(1));
+        let change = &fold.changes[&id.as_uuid()];
+        assert_eq!(change.display_name.as_deref(), Some("Ada Lovelace"));
+        assert_eq!((change.bio.as_deref(), change.version), (Some("Poet"), 4));
         assert!(fold.rows.is_empty());
-        assert_eq!(
-            fold.renames[&id.as_uuid()],
-            Rename { display_name: "Ada Lovelace".into(), version: 3, updated_at: at(2) }
-        );
     }
 
     #[test]
-    fn an_older_change_never_overwrites_a_newer_row() {
-        let id = UserId::new();
+    fn an_erasure_empties_the_row_and_drops_pending_changes() {
+        let (early, late) = (UserId::new(), UserId::new());
         let mut fold = Fold::default();
-        fold.add(registered(id), 1, at(0));
-        fold.add(changed(id, "Ada Lovelace"), 3, at(2));
-        fold.add(changed(id, "Ada L."), 2, at(1));
-        assert_eq!(fold.rows[&id.as_uuid()].display_name, "Ada Lovelace");
+        fold.add(late.as_uuid(), registered(late), 1, at(0));
+        fold.add(late.as_uuid(), UserEvent::PersonalDataErased { id: late }, 2, at(1));
+        let row = &fold.rows[&late.as_uuid()];
+        assert_eq!((row.email.as_deref(), row.display_name.as_deref(), row.status), (None, None, ERASED));
+        fold.add(early.as_uuid(), changed(early, "Eve"), 5, at(1));
+        fold.add(early.as_uuid(), UserEvent::Forgotten { id: early, event_type: "UserDisplayNameChanged" }, 6, at(2));
+        assert!(fold.changes.is_empty());
+        assert_eq!(fold.erased[&early.as_uuid()], (6, at(2)));
+        let mut shredded = fold.shredded();
+        shredded.sort();
+        let mut expected = vec![early.as_uuid(), late.as_uuid()];
+        expected.sort();
+        assert_eq!(shredded, expected);
     }
 }

@@ -4,11 +4,36 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod token;
 
 pub use error::ErrorCode;
+
+pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("keel.common.v1");
+    }
+}
 
 pub mod identity {
     pub mod v1 {
         tonic::include_proto!("keel.identity.v1");
+    }
+}
+
+pub mod auth {
+    pub mod v1 {
+        tonic::include_proto!("keel.auth.v1");
+    }
+}
+
+pub mod authz {
+    pub mod v1 {
+        tonic::include_proto!("keel.authz.v1");
+    }
+}
+
+pub mod blog {
+    pub mod v1 {
+        tonic::include_proto!("keel.blog.v1");
     }
 }

@@ -8,11 +8,18 @@ use crate::codec::DecodedEvent;
 
 /// The placeholder of a redacted field.
 pub const REDACTED: &str = "[redacted]";
-const SENSITIVE: &str = "keel.sensitive";
+/// The placeholder of a sensitive field whose key was erased.
+pub const ERASED: &str = "[erased]";
 
 /// An event's fields as JSON, sensitive fields replaced by [`REDACTED`].
 pub fn redacted(event: &DecodedEvent) -> Json {
-    to_json(&event.record, Some(event.schema), Redaction::Sensitive)
+    to_json(&event.record, Some(event.schema), Redaction::Sensitive(REDACTED))
+}
+
+/// An event's fields as JSON, sensitive fields replaced by [`ERASED`]: they are sealed with a
+/// key that no longer exists.
+pub fn erased(event: &DecodedEvent) -> Json {
+    to_json(&event.record, Some(event.schema), Redaction::Sensitive(ERASED))
 }
 
 /// An event's fields as JSON, sensitive fields included: only for an operator who asked for
@@ -23,7 +30,8 @@ pub fn unredacted(event: &DecodedEvent) -> Json {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Redaction {
-    Sensitive,
+    /// Sensitive fields are replaced by this placeholder.
+    Sensitive(&'static str),
     None,
 }
 
@@ -33,12 +41,11 @@ fn to_json(value: &Value, schema: Option<&Schema>, redaction: Redaction) -> Json
             let mut object = Map::new();
             for (name, value) in fields {
                 let field = record.fields.iter().find(|field| &field.name == name);
-                let sensitive = redaction == Redaction::Sensitive
-                    && field.is_some_and(|field| field.custom_attributes.get(SENSITIVE) == Some(&json!(true)));
-                let rendered = if sensitive {
-                    json!(REDACTED)
-                } else {
-                    to_json(value, field.map(|field| &field.schema), redaction)
+                let rendered = match redaction {
+                    Redaction::Sensitive(placeholder) if field.is_some_and(crate::sealing::is_sensitive) => {
+                        json!(placeholder)
+                    }
+                    _ => to_json(value, field.map(|field| &field.schema), redaction),
                 };
                 object.insert(name.clone(), rendered);
             }

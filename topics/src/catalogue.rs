@@ -6,6 +6,12 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Topic {
     IdentityUsers,
+    AuthCredentials,
+    AuthSessions,
+    AuthzRoles,
+    AuthzUserRoles,
+    BlogPosts,
+    BlogComments,
 }
 
 /// How a topic is created.
@@ -19,18 +25,29 @@ pub struct TopicSpec {
     pub configs: &'static [(&'static str, &'static str)],
     /// The Avro schema of record values, as kept in `topics/schemas/`.
     pub value_schema: &'static str,
+    /// Whether the fields its schema marks `keel.sensitive` are sealed with the key of the
+    /// aggregate (a user), so that erasing the key erases them from the log
+    /// ([`crate::sealing`]). Sensitive fields of other topics are only redacted when shown.
+    pub sealed: bool,
 }
 
 /// The log is the source of truth: events are kept forever.
 const EVENT_LOG_CONFIGS: &[(&str, &str)] = &[("cleanup.policy", "delete"), ("retention.ms", "-1")];
 
-const CATALOGUE: &[TopicSpec] = &[TopicSpec {
-    topic: Topic::IdentityUsers,
-    base_name: "identity.users",
-    partitions: 8,
-    configs: EVENT_LOG_CONFIGS,
-    value_schema: include_str!("../schemas/identity.users-value.avsc"),
-}];
+/// One topic per aggregate type. Partition counts are fixed at creation.
+const CATALOGUE: &[TopicSpec] = &[
+    event_log(Topic::IdentityUsers, "identity.users", include_str!("../schemas/identity.users-value.avsc"), true),
+    event_log(Topic::AuthCredentials, "auth.credentials", include_str!("../schemas/auth.credentials-value.avsc"), true),
+    event_log(Topic::AuthSessions, "auth.sessions", include_str!("../schemas/auth.sessions-value.avsc"), false),
+    event_log(Topic::AuthzRoles, "authz.roles", include_str!("../schemas/authz.roles-value.avsc"), false),
+    event_log(Topic::AuthzUserRoles, "authz.user-roles", include_str!("../schemas/authz.user-roles-value.avsc"), false),
+    event_log(Topic::BlogPosts, "blog.posts", include_str!("../schemas/blog.posts-value.avsc"), false),
+    event_log(Topic::BlogComments, "blog.comments", include_str!("../schemas/blog.comments-value.avsc"), false),
+];
+
+const fn event_log(topic: Topic, base_name: &'static str, value_schema: &'static str, sealed: bool) -> TopicSpec {
+    TopicSpec { topic, base_name, partitions: 8, configs: EVENT_LOG_CONFIGS, value_schema, sealed }
+}
 
 /// A topic Keel writes that is not an aggregate's event log.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +62,15 @@ pub const DEAD_LETTERS: AuxiliaryTopic =
     AuxiliaryTopic { base_name: "keel.dead-letters", partitions: 1, configs: EVENT_LOG_CONFIGS };
 
 impl Topic {
-    pub const ALL: &'static [Topic] = &[Topic::IdentityUsers];
+    pub const ALL: &'static [Topic] = &[
+        Topic::IdentityUsers,
+        Topic::AuthCredentials,
+        Topic::AuthSessions,
+        Topic::AuthzRoles,
+        Topic::AuthzUserRoles,
+        Topic::BlogPosts,
+        Topic::BlogComments,
+    ];
 
     pub fn spec(self) -> &'static TopicSpec {
         CATALOGUE.iter().find(|spec| spec.topic == self).expect("every topic is in the catalogue")
@@ -99,6 +124,14 @@ mod tests {
         for topic in Topic::ALL {
             apache_avro::Schema::parse_str(topic.spec().value_schema).unwrap();
         }
+    }
+
+    #[test]
+    fn every_topic_is_in_the_catalogue_once() {
+        for topic in Topic::ALL {
+            assert_eq!(CATALOGUE.iter().filter(|spec| spec.topic == *topic).count(), 1, "{topic:?}");
+        }
+        assert_eq!(CATALOGUE.len(), Topic::ALL.len());
     }
 
     #[test]

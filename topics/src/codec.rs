@@ -27,12 +27,15 @@ pub enum CodecError {
     Shape(String),
     #[error("unknown event type `{0}`")]
     UnknownEventType(String),
+    /// The keys of sealed fields cannot be had now (the key store is down, or misconfigured).
+    #[error("personal data keys: {0}")]
+    Keys(String),
 }
 
 impl CodecError {
     /// Whether trying again later may succeed (the registry was unreachable, …).
     pub fn is_retriable(&self) -> bool {
-        matches!(self, Self::Registry { retriable: true, .. })
+        matches!(self, Self::Registry { retriable: true, .. } | Self::Keys(_))
     }
 }
 
@@ -246,4 +249,42 @@ pub fn uuid_field(record: &Value, name: &str) -> Result<uuid::Uuid, CodecError> 
         Value::String(value) => value.parse().map_err(|_| CodecError::Shape(format!("field `{name}` is a uuid"))),
         _ => Err(CodecError::Shape(format!("field `{name}` is a uuid"))),
     }
+}
+
+/// A timestamp (milliseconds since the epoch) of a resolved record, as Avro's
+/// `timestamp-millis` or a plain `long`.
+pub fn millis_field(record: &Value, name: &str) -> Result<i64, CodecError> {
+    match field(record, name)? {
+        Value::TimestampMillis(value) | Value::Long(value) => Ok(*value),
+        _ => Err(CodecError::Shape(format!("field `{name}` is a timestamp"))),
+    }
+}
+
+/// An array of strings of a resolved record.
+pub fn strings_field<'a>(record: &'a Value, name: &str) -> Result<Vec<&'a str>, CodecError> {
+    match field(record, name)? {
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(text) => Ok(text.as_str()),
+                _ => Err(CodecError::Shape(format!("field `{name}` holds strings"))),
+            })
+            .collect(),
+        _ => Err(CodecError::Shape(format!("field `{name}` is an array"))),
+    }
+}
+
+/// An event record from its fields, in schema order.
+pub fn record(fields: Vec<(&str, Value)>) -> Value {
+    Value::Record(fields.into_iter().map(|(name, value)| (name.to_owned(), value)).collect())
+}
+
+/// An Avro array of strings.
+pub fn strings<'a>(items: impl IntoIterator<Item = &'a str>) -> Value {
+    Value::Array(items.into_iter().map(|item| Value::String(item.to_owned())).collect())
+}
+
+/// A domain value that failed to parse from a stored field: the record does not match its schema.
+pub fn invalid(error: keel_domain::InvalidValue) -> CodecError {
+    CodecError::Shape(error.to_string())
 }

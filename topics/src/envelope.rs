@@ -19,6 +19,9 @@ const EVENT_ID: &str = "keel-event-id";
 const EVENT_TYPE: &str = "keel-event-type";
 const SCHEMA_VERSION: &str = "keel-schema-version";
 const AGGREGATE_VERSION: &str = "keel-aggregate-version";
+const SEALED: &str = "keel-sealed";
+/// The value of `keel-sealed`: how sensitive fields are sealed (see [`crate::sealing`]).
+const SEALED_WITH: &str = "aes-256-gcm";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
@@ -51,6 +54,9 @@ pub struct CommitHeader {
     pub correlation_id: Uuid,
     pub causation_id: Option<Uuid>,
     pub traceparent: Option<String>,
+    /// Whether the fields the schema marks sensitive are sealed with the aggregate's key.
+    /// Commits written before sealing existed carry them in the clear.
+    pub sealed: bool,
     pub events: Vec<EventMeta>,
 }
 
@@ -74,6 +80,9 @@ impl CommitHeader {
         }
         if let Some(traceparent) = &self.traceparent {
             headers = headers.insert(text(TRACEPARENT, traceparent));
+        }
+        if self.sealed {
+            headers = headers.insert(text(SEALED, SEALED_WITH));
         }
         for (index, event) in self.events.iter().enumerate() {
             let version = self.expected_version + index as u64 + 1;
@@ -121,6 +130,13 @@ impl CommitHeader {
                 })
             })
             .collect::<Result<Vec<_>, EnvelopeError>>()?;
+        let sealed = match single(SEALED) {
+            None => false,
+            Some(SEALED_WITH) => true,
+            Some(other) => {
+                return Err(EnvelopeError::Malformed { name: SEALED, reason: format!("unknown sealing `{other}`") });
+            }
+        };
         let occurred_at = DateTime::parse_from_rfc3339(required(OCCURRED_AT)?)
             .map_err(|error| EnvelopeError::Malformed { name: OCCURRED_AT, reason: error.to_string() })?
             .with_timezone(&Utc);
@@ -133,6 +149,7 @@ impl CommitHeader {
             correlation_id: parse(CORRELATION_ID, required(CORRELATION_ID)?)?,
             causation_id: single(CAUSATION_ID).map(|value| parse(CAUSATION_ID, value)).transpose()?,
             traceparent: single(TRACEPARENT).map(str::to_owned),
+            sealed,
             events,
         })
     }
@@ -171,6 +188,7 @@ mod tests {
             correlation_id: Uuid::new_v4(),
             causation_id: None,
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            sealed: true,
             events: (0..events)
                 .map(|index| EventMeta {
                     event_id: Uuid::new_v4(),
@@ -187,6 +205,7 @@ mod tests {
         let decoded = CommitHeader::from_headers(&original.to_headers()).unwrap();
         assert_eq!(decoded.events, original.events);
         assert_eq!(decoded.command_id, original.command_id);
+        assert!(decoded.sealed);
         assert_eq!(decoded.version_after(), 6);
         assert_eq!(decoded.occurred_at.timestamp_micros(), original.occurred_at.timestamp_micros());
     }

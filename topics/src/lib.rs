@@ -4,7 +4,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod authz;
 pub mod avro_json;
+pub mod blog;
 pub mod catalogue;
 pub mod codec;
 pub mod envelope;
@@ -14,9 +17,16 @@ pub mod membership;
 pub mod partitioning;
 pub mod reader;
 pub mod record;
+pub mod sealing;
 pub mod validation;
+pub mod vault;
 
 pub use catalogue::{Topic, TopicNames, TopicSpec};
+
+/// The PostgreSQL channel on which a committed projection batch announces its projection's name
+/// (`NOTIFY` is delivered on commit only), so that readers drop what they cached of it.
+pub const APPLIED_CHANNEL: &str = "keel_projections";
 pub use codec::{CodecError, Decoded, SchemaRegistryCodec};
 pub use envelope::{CommitHeader, EnvelopeError, EventMeta, Position};
 pub use validation::{StreamState, Verdict};
+pub use vault::{Opened, PersonalDataConfig, Vault, VaultError};

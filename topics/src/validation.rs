@@ -101,6 +101,7 @@ mod tests {
             correlation_id: Uuid::nil(),
             causation_id: None,
             traceparent: None,
+            sealed: false,
             events: (0..events)
                 .map(|_| EventMeta { event_id: Uuid::new_v4(), event_type: "E".into(), schema_version: 1 })
                 .collect(),

@@ -15,6 +15,7 @@ mod writer;
 
 use std::{
     collections::{BTreeSet, HashMap},
+    future::Future,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
@@ -23,7 +24,9 @@ use anyhow::Context;
 use apache_avro::types::Value;
 use keel_domain::{Aggregate, DomainEvent};
 use keel_runtime::{KafkaConfig, ReadinessCheck};
-use keel_topics::{CodecError, Decoded, SchemaRegistryCodec, Topic, kafka, membership::Membership, partitioning};
+use keel_topics::{
+    CodecError, CommitHeader, Decoded, SchemaRegistryCodec, Topic, kafka, membership::Membership, partitioning,
+};
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     producer::{FutureProducer, Producer},
@@ -47,17 +50,37 @@ use crate::{Accepted, CommandError, CommandMeta};
 pub trait Model: Send + Sync + 'static {
     type State: Aggregate<Event = Self::Event> + Serialize + DeserializeOwned + Send + Sync + 'static;
     type Event: DomainEvent + Send + Sync + 'static;
-    /// Lookups across the aggregates of a partition that decisions need (e.g. email → user).
+    /// Lookups across the aggregates of a partition that decisions need.
     type Index: Default + Send + Sync + 'static;
 
     const TOPIC: Topic;
     /// The service's name in metrics.
     const SERVICE: &'static str;
 
-    fn encode(events: &[Self::Event]) -> Value;
-    fn decode(decoded: &Decoded) -> Result<Vec<Self::Event>, CodecError>;
+    /// The commit value of one command's events, sealed where the topic seals personal data
+    /// (see [`keel_topics::sealing`]), and whether it was sealed.
+    fn encode(
+        &self,
+        aggregate_id: Uuid,
+        events: &[Self::Event],
+    ) -> impl Future<Output = Result<(Value, bool), CodecError>> + Send;
+
+    /// The domain events of a decoded commit. A retriable error means "not now" (the schema
+    /// registry or the key store is down); any other means the commit is unreadable.
+    fn decode(
+        &self,
+        header: &CommitHeader,
+        decoded: Decoded,
+    ) -> impl Future<Output = Result<Vec<Self::Event>, CodecError>> + Send;
+
     /// Keeps the index in step with an aggregate that changed from `before` to `after`.
-    fn reindex(index: &mut Self::Index, id: Uuid, before: &Self::State, after: &Self::State);
+    fn reindex(_index: &mut Self::Index, _id: Uuid, _before: &Self::State, _after: &Self::State) {}
+
+    /// Whether an event must reach the snapshot store at once rather than with the next regular
+    /// snapshot (an erasure: the snapshot row must not keep what the event erased).
+    fn snapshot_at_once(_event: &Self::Event) -> bool {
+        false
+    }
 }
 
 /// Decides a command against its aggregate's state and the partition's index.
@@ -87,15 +110,46 @@ pub struct Request<M: Model> {
     pub meta: CommandMeta,
     pub claims: Vec<String>,
     pub decide: Decide<M>,
-    pub reply: Reply,
+    /// After it, the caller has given up: the command is not decided any more (so no command
+    /// takes effect long after its caller stopped waiting).
+    pub deadline: Instant,
+    pub reply: Reply<M::State>,
+}
+
+/// What a command came to: its result, and its aggregate's state just after it.
+#[derive(Debug, Clone)]
+pub struct Outcome<S> {
+    pub accepted: Accepted,
+    pub state: S,
 }
 
 /// Where a command's outcome goes.
-pub struct Reply {
-    sender: oneshot::Sender<Result<Accepted, CommandError>>,
+pub struct Reply<S> {
+    sender: oneshot::Sender<Result<Outcome<S>, CommandError>>,
     received: Instant,
     service: &'static str,
     command: &'static str,
+}
+
+impl<S> Reply<S> {
+    /// Counts and times the outcome, then hands it to the caller (who may have given up: its
+    /// outcome stands in the log either way).
+    pub(crate) fn send(self, outcome: Result<Outcome<S>, CommandError>) {
+        let label = match &outcome {
+            Ok(outcome) if outcome.accepted.replayed => "replayed",
+            Ok(_) => "accepted",
+            Err(error) => error.code().slug(),
+        };
+        metrics::counter!("keel_commands_total", "service" => self.service, "command" => self.command, "outcome" => label)
+            .increment(1);
+        metrics::histogram!("keel_command_duration_seconds", "service" => self.service, "command" => self.command)
+            .record(self.received.elapsed().as_secs_f64());
+        let _ = self.sender.send(outcome);
+    }
+
+    pub(crate) fn fail(self, error: CommandError) {
+        self.send(Err(error));
+    }
 }
 
 /// Tuning of the write path.
@@ -162,15 +216,25 @@ impl Shared {
 }
 
 /// Where a command goes.
-pub enum Dispatch {
+pub enum Dispatch<S> {
     /// This instance owns the partition and decided the command.
-    Done(Result<Accepted, CommandError>),
+    Done(Result<Outcome<S>, CommandError>),
     /// Another instance owns the partition: forward the command to its endpoint.
     Forward(String),
 }
 
+/// Who serves an aggregate's partition.
+pub enum Location {
+    Here,
+    /// Another instance, at this endpoint.
+    There(String),
+    /// Nobody right now (a move in progress): retry.
+    Nowhere(CommandError),
+}
+
 /// The write path of one service in this instance.
 pub struct Engine<M: Model> {
+    model: Arc<M>,
     shared: Arc<Shared>,
     partitions: i32,
     /// The partitions this instance owns and serves, with their writers' queues.
@@ -183,6 +247,7 @@ pub struct Engine<M: Model> {
 impl<M: Model> Engine<M> {
     /// Registers the topic's schema and sizes the topic; nothing is owned until [`Self::run`].
     pub async fn new(
+        model: M,
         kafka_config: &KafkaConfig,
         topic: String,
         codec: SchemaRegistryCodec,
@@ -204,6 +269,7 @@ impl<M: Model> Engine<M> {
             settings,
         };
         Ok(Self {
+            model: Arc::new(model),
             shared: Arc::new(shared),
             partitions,
             writers: RwLock::new(HashMap::new()),
@@ -216,34 +282,96 @@ impl<M: Model> Engine<M> {
         partitioning::partition_of(aggregate_id.to_string().as_bytes(), self.partitions)
     }
 
-    /// Decides `command` here if this instance owns its partition, or says where to forward it.
-    pub async fn dispatch(&self, command: Command<M>) -> Dispatch {
-        let partition = self.partition_of(command.aggregate_id);
-        let writer = self.writers.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&partition).cloned();
-        match writer {
-            Some(writer) => Dispatch::Done(self.execute(writer, command).await),
-            None => match self.owners.owner(partition).await {
-                Ok(Some(endpoint)) if endpoint != self.owners.endpoint() => Dispatch::Forward(endpoint),
-                Ok(_) => Dispatch::Done(Err(CommandError::Unavailable(format!(
-                    "partition {partition} has no owner right now; retry"
-                )))),
-                Err(error) => {
-                    tracing::error!(error = %format!("{error:#}"), "failed to look up a partition owner");
-                    Dispatch::Done(Err(CommandError::Unavailable("cannot find the partition's owner; retry".into())))
-                }
-            },
+    /// The model this engine writes for.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// Who serves `aggregate_id`'s partition: this instance, another one, or nobody right now.
+    pub async fn locate(&self, aggregate_id: Uuid) -> Location {
+        let partition = self.partition_of(aggregate_id);
+        if self.writer(partition).is_some() {
+            return Location::Here;
+        }
+        match self.owners.owner(partition).await {
+            Ok(Some(endpoint)) if endpoint != self.owners.endpoint() => Location::There(endpoint),
+            Ok(_) => Location::Nowhere(CommandError::Unavailable(format!(
+                "partition {partition} has no owner right now; retry"
+            ))),
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "failed to look up a partition owner");
+                Location::Nowhere(CommandError::Unavailable("cannot find the partition's owner; retry".into()))
+            }
         }
     }
 
-    async fn execute(&self, writer: mpsc::Sender<Request<M>>, command: Command<M>) -> Result<Accepted, CommandError> {
+    fn writer(&self, partition: i32) -> Option<mpsc::Sender<Request<M>>> {
+        self.writers.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&partition).cloned()
+    }
+
+    /// Decides `command` here if this instance owns its partition, or says where to forward it.
+    pub async fn dispatch(&self, command: Command<M>) -> Dispatch<M::State> {
+        match self.locate(command.aggregate_id).await {
+            Location::Here => match self.writer(self.partition_of(command.aggregate_id)) {
+                Some(writer) => Dispatch::Done(self.execute(writer, command).await),
+                None => Dispatch::Done(Err(CommandError::Unavailable("the partition is moving; retry".into()))),
+            },
+            Location::There(endpoint) => Dispatch::Forward(endpoint),
+            Location::Nowhere(error) => Dispatch::Done(Err(error)),
+        }
+    }
+
+    /// Runs `command` on this instance, which has just found that it serves the partition
+    /// ([`Self::locate`]); should the partition move meanwhile, the caller retries.
+    pub async fn run(&self, command: Command<M>) -> Result<Outcome<M::State>, CommandError> {
+        match self.dispatch(command).await {
+            Dispatch::Done(outcome) => outcome,
+            Dispatch::Forward(_) => {
+                Err(CommandError::Unavailable("the partition moved to another owner; retry".into()))
+            }
+        }
+    }
+
+    /// [`Self::read`] on this instance, like [`Self::run`].
+    pub async fn read_here(&self, aggregate_id: Uuid) -> Result<Outcome<M::State>, CommandError> {
+        match self.read(aggregate_id).await {
+            Dispatch::Done(outcome) => outcome,
+            Dispatch::Forward(_) => {
+                Err(CommandError::Unavailable("the partition moved to another owner; retry".into()))
+            }
+        }
+    }
+
+    /// The current state and version of an aggregate, as its partition's owner knows it: read in
+    /// turn with the commands queued before it, and only once the owner's state is as current as
+    /// the log (like every answer that appends nothing).
+    pub async fn read(&self, aggregate_id: Uuid) -> Dispatch<M::State> {
+        let meta = CommandMeta {
+            command_id: Uuid::new_v4(),
+            actor: "system:read".into(),
+            correlation_id: Uuid::nil(),
+            traceparent: None,
+        };
+        let decide: Decide<M> = Box::new(|_, _| Ok(Vec::new()));
+        let command = Command { aggregate_id, expected_version: None, meta, claims: Vec::new(), name: "Read", decide };
+        self.dispatch(command).await
+    }
+
+    async fn execute(
+        &self,
+        writer: mpsc::Sender<Request<M>>,
+        command: Command<M>,
+    ) -> Result<Outcome<M::State>, CommandError> {
         let (sender, outcome) = oneshot::channel();
+        let received = Instant::now();
         let request = Request {
             aggregate_id: command.aggregate_id,
             expected_version: command.expected_version,
             meta: command.meta,
             claims: command.claims,
             decide: command.decide,
-            reply: Reply { sender, received: Instant::now(), service: M::SERVICE, command: command.name },
+            deadline: received + self.shared.settings.command_timeout,
+            reply: Reply { sender, received, service: M::SERVICE, command: command.name },
         };
         writer.try_send(request).map_err(|error| match error {
             mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
@@ -261,7 +389,7 @@ impl<M: Model> Engine<M> {
 
     /// Serves the partitions `ownership` gives this instance until `shutdown`, loading each one
     /// before serving it and letting go of each one it loses.
-    pub async fn run(self: Arc<Self>, ownership: Ownership, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn serve(self: Arc<Self>, ownership: Ownership, shutdown: CancellationToken) -> anyhow::Result<()> {
         let membership = match ownership {
             Ownership::Group => {
                 let group = format!("keel-writers.{}", self.shared.topic);
@@ -344,7 +472,7 @@ impl<M: Model> Engine<M> {
     async fn own(self: Arc<Self>, partition: i32, revoked: CancellationToken, announce: bool) {
         let mut backoff = Duration::from_millis(200);
         let writer = loop {
-            let load = PartitionWriter::<M>::load(self.shared.clone(), partition);
+            let load = PartitionWriter::<M>::load(self.model.clone(), self.shared.clone(), partition);
             tokio::select! {
                 () = revoked.cancelled() => return,
                 loaded = load => match loaded {

@@ -28,7 +28,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Model, Reply, Request, Shared, partition::PartitionState};
+use super::{Model, Outcome, Reply, Request, Shared, partition::PartitionState};
 use crate::{Accepted, CommandError, CommandMeta};
 
 /// How long reading a partition to its end may wait for the next record.
@@ -42,12 +42,13 @@ enum Decision<M: Model> {
 
 /// A decided command on its way to the broker.
 struct Pending<M: Model> {
-    reply: Reply,
+    reply: Reply<M::State>,
     header: CommitHeader,
     events: Vec<M::Event>,
 }
 
 pub(super) struct PartitionWriter<M: Model> {
+    model: Arc<M>,
     shared: Arc<Shared>,
     state: PartitionState<M>,
     /// Set while the state may lag the log (after an append with an unknown outcome).
@@ -56,11 +57,16 @@ pub(super) struct PartitionWriter<M: Model> {
     since_snapshot: u64,
     /// The snapshot being written; it hands back the aggregates it failed to write.
     snapshot: Option<JoinHandle<Result<(), Vec<Uuid>>>>,
+    /// A change that must reach the snapshot store soon (see [`Model::snapshot_at_once`]).
+    snapshot_due: bool,
 }
+
+/// How soon an urgent snapshot is tried again while the previous one is still being written.
+const URGENT_SNAPSHOT_RETRY: Duration = Duration::from_millis(100);
 
 impl<M: Model> PartitionWriter<M> {
     /// Loads the partition: its snapshot, then the tail of the log after it.
-    pub async fn load(shared: Arc<Shared>, partition: i32) -> anyhow::Result<Self> {
+    pub async fn load(model: Arc<M>, shared: Arc<Shared>, partition: i32) -> anyhow::Result<Self> {
         let started = Instant::now();
         let snapshot = shared.snapshots.load::<M::State>(partition).await?;
         let end = shared.high_watermark(partition).await?;
@@ -74,7 +80,8 @@ impl<M: Model> PartitionWriter<M> {
         );
         let restored = snapshot.entries.len();
         let state = PartitionState::restore(partition, snapshot.next_offset, snapshot.entries);
-        let mut writer = Self { shared, state, out_of_sync: false, since_snapshot: 0, snapshot: None };
+        let mut writer =
+            Self { model, shared, state, out_of_sync: false, since_snapshot: 0, snapshot: None, snapshot_due: false };
         let from = writer.state.next_offset();
         writer.catch_up(&mut HashMap::new()).await?;
         let replayed = writer.state.next_offset() - from;
@@ -124,6 +131,11 @@ impl<M: Model> PartitionWriter<M> {
                         Some(request) => deferred.push_back(request),
                         None => break,
                     },
+                    // An urgent snapshot that found the last one still running tries again.
+                    () = tokio::time::sleep(URGENT_SNAPSHOT_RETRY), if self.snapshot_due => {
+                        self.take_snapshot();
+                        continue;
+                    }
                 }
             }
             if revoked.is_cancelled() {
@@ -140,7 +152,7 @@ impl<M: Model> PartitionWriter<M> {
             for request in postponed.into_iter().rev() {
                 deferred.push_front(request);
             }
-            if self.since_snapshot >= self.shared.settings.snapshot_every {
+            if self.since_snapshot >= self.shared.settings.snapshot_every || self.snapshot_due {
                 self.take_snapshot();
             }
         }
@@ -150,10 +162,7 @@ impl<M: Model> PartitionWriter<M> {
             deferred.push_back(request);
         }
         for request in deferred {
-            answer(
-                request.reply,
-                Err(CommandError::Unavailable("the partition is moving to another owner; retry".into())),
-            );
+            request.reply.fail(CommandError::Unavailable("the partition is moving to another owner; retry".into()));
         }
         if let Some(snapshot) = self.snapshot.take() {
             self.reap(snapshot.await);
@@ -195,6 +204,7 @@ impl<M: Model> PartitionWriter<M> {
                 None => return,
             }
         }
+        self.snapshot_due = false;
         if self.state.dirty_count() == 0 {
             return;
         }
@@ -223,6 +233,15 @@ impl<M: Model> PartitionWriter<M> {
         }));
     }
 
+    /// Applies a record to the state, noting a change that must be snapshotted soon.
+    fn apply(&mut self, offset: i64, header: &CommitHeader, events: &[M::Event]) -> Option<Verdict> {
+        let verdict = self.state.apply(offset, header, events);
+        if verdict == Some(Verdict::Valid) && events.iter().any(M::snapshot_at_once) {
+            self.snapshot_due = true;
+        }
+        verdict
+    }
+
     /// Reads the partition from the state's next offset to the current end of the log, applying
     /// every record by the shared rule. `verdicts` collects the verdict of each offset it asks for.
     async fn catch_up(&mut self, verdicts: &mut HashMap<i64, Option<Verdict>>) -> anyhow::Result<()> {
@@ -238,8 +257,12 @@ impl<M: Model> PartitionWriter<M> {
         })?? {
             let offset = message.offset();
             let verdict = match record::read(&self.shared.codec, M::TOPIC, &message).await? {
-                Record::Commit { header, decoded } => match M::decode(&decoded) {
-                    Ok(events) => self.state.apply(offset, &header, &events),
+                Record::Commit { header, decoded } => match self.model.decode(&header, decoded).await {
+                    Ok(events) => self.apply(offset, &header, &events),
+                    // The schema registry or the key store cannot answer: nothing is known yet.
+                    Err(error) if error.is_retriable() => {
+                        return Err(anyhow::Error::new(error).context(format!("failed to read offset {offset}")));
+                    }
                     // Readers that need only the envelope (the audit log, the rule itself) accept
                     // this commit; skipping it here would leave this writer's versions behind
                     // theirs and void every later commit it decides. A commit the rule refuses
@@ -278,7 +301,14 @@ impl<M: Model> PartitionWriter<M> {
         let mut claimed = HashSet::new();
         let mut postponed = Vec::new();
         let mut admitted = Vec::new();
+        let now = Instant::now();
         for request in batch {
+            if request.deadline <= now {
+                request.reply.fail(CommandError::Unavailable(
+                    "the command waited too long to be decided; retry with the same command id".into(),
+                ));
+                continue;
+            }
             let mut keys = request.claims.iter().cloned().chain([request.aggregate_id.to_string()]);
             if keys.any(|key| claimed.contains(&key)) {
                 postponed.push(request);
@@ -292,7 +322,7 @@ impl<M: Model> PartitionWriter<M> {
             Err(error) => {
                 tracing::error!(partition = self.state.partition, error = %format!("{error:#}"), "cannot tell whether the state is current");
                 for request in admitted {
-                    answer(request.reply, Err(CommandError::Unavailable("cannot read the log; retry".into())));
+                    request.reply.fail(CommandError::Unavailable("cannot read the log; retry".into()));
                 }
                 return postponed;
             }
@@ -300,7 +330,7 @@ impl<M: Model> PartitionWriter<M> {
         let mut decided = Vec::new();
         for (request, decision) in admitted.into_iter().zip(decisions) {
             match decision {
-                Decision::Answer(outcome) => answer(request.reply, outcome),
+                Decision::Answer(outcome) => self.answer(request.reply, outcome),
                 Decision::Append(header, events) => decided.push(Pending { reply: request.reply, header, events }),
             }
         }
@@ -318,7 +348,7 @@ impl<M: Model> PartitionWriter<M> {
             outcomes.sort_by_key(|(_, outcome)| outcome.as_ref().ok().copied());
             for (pending, outcome) in outcomes {
                 let offset = outcome.expect("contiguous means every append landed");
-                let verdict = self.state.apply(offset, &pending.header, &pending.events);
+                let verdict = self.apply(offset, &pending.header, &pending.events);
                 self.since_snapshot += 1;
                 debug_assert_eq!(verdict, Some(Verdict::Valid), "nothing else was written in between");
                 self.answer_landed(pending, offset, verdict);
@@ -335,7 +365,7 @@ impl<M: Model> PartitionWriter<M> {
             tracing::error!(partition = self.state.partition, error = %format!("{error:#}"), "failed to read back a batch");
             self.out_of_sync = true;
             for (pending, _) in outcomes {
-                answer(pending.reply, Err(unknown_outcome()));
+                pending.reply.fail(unknown_outcome());
             }
             return postponed;
         }
@@ -348,7 +378,7 @@ impl<M: Model> PartitionWriter<M> {
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, command_id = %pending.header.command_id, "append failed; outcome unknown");
-                    answer(pending.reply, Err(error));
+                    pending.reply.fail(error);
                 }
             }
         }
@@ -377,7 +407,16 @@ impl<M: Model> PartitionWriter<M> {
                 Err(CommandError::Unavailable("a concurrent writer changed the aggregate; retry".into()))
             }
         };
-        answer(pending.reply, outcome);
+        self.answer(pending.reply, outcome);
+    }
+
+    /// Hands a command its outcome, with its aggregate's state as the writer has it now.
+    fn answer(&self, reply: Reply<M::State>, outcome: Result<Accepted, CommandError>) {
+        let outcome = outcome.map(|accepted| {
+            let state = self.state.entry(accepted.aggregate_id).map(|entry| entry.state.clone()).unwrap_or_default();
+            Outcome { accepted, state }
+        });
+        reply.send(outcome);
     }
 
     fn position(&self, offset: i64) -> Position {
@@ -437,7 +476,15 @@ impl<M: Model> PartitionWriter<M> {
 
     /// Produces one commit to this partition; its offset, or why its outcome is unknown.
     async fn append(&self, pending: Pending<M>) -> (Pending<M>, Result<i64, CommandError>) {
-        let value = M::encode(&pending.events);
+        let (value, sealed) = match self.model.encode(pending.header.aggregate_id, &pending.events).await {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                tracing::error!(error = %error, "failed to encode a commit");
+                return (pending, Err(CommandError::Unavailable("cannot encode the commit now; retry".into())));
+            }
+        };
+        let mut pending = pending;
+        pending.header.sealed = sealed;
         let payload = match self.shared.codec.encode(M::TOPIC, value).await {
             Ok(payload) => payload,
             Err(error) => {
@@ -489,6 +536,7 @@ fn commit_header<E: DomainEvent>(
         correlation_id: meta.correlation_id,
         causation_id: None,
         traceparent: meta.traceparent.clone(),
+        sealed: false,
         events: events
             .iter()
             .map(|event| EventMeta {
@@ -498,18 +546,4 @@ fn commit_header<E: DomainEvent>(
             })
             .collect(),
     }
-}
-
-pub(super) fn answer(reply: Reply, outcome: Result<Accepted, CommandError>) {
-    let label = match &outcome {
-        Ok(accepted) if accepted.replayed => "replayed",
-        Ok(_) => "accepted",
-        Err(error) => error.code().slug(),
-    };
-    metrics::counter!("keel_commands_total", "service" => reply.service, "command" => reply.command, "outcome" => label)
-        .increment(1);
-    metrics::histogram!("keel_command_duration_seconds", "service" => reply.service, "command" => reply.command)
-        .record(reply.received.elapsed().as_secs_f64());
-    // The caller may have given up (deadline); its outcome stands in the log either way.
-    let _ = reply.sender.send(outcome);
 }

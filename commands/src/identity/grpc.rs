@@ -1,39 +1,164 @@
 //! The gRPC surface of the identity service and the conversions between wire and domain types.
-//! A command for a partition owned elsewhere is forwarded once to the owner.
+//! A call for a user whose partition is owned elsewhere is forwarded once to the owner, which
+//! runs it whole (the email reservation included).
 
-use std::{collections::HashMap, sync::Arc, sync::Mutex, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use keel_domain::{
     Aggregate,
-    identity::{ChangeDisplayName, DisplayName, Email, RegisterUser, User, UserCommand, UserError, UserId},
+    identity::{
+        AccountStatus, Bio, ChangeEmail, DisplayName, Email, RegisterUser, UpdateProfile, User, UserCommand, UserError,
+        UserId,
+    },
 };
-use keel_proto::identity::v1::{
-    ChangeDisplayNameRequest, CommandMetadata, CommandReply, Position, RegisterUserRequest,
-    identity_commands_client::IdentityCommandsClient, identity_commands_server::IdentityCommands,
+use keel_proto::{
+    common::v1::CommandReply,
+    identity::v1::{
+        ChangeEmailRequest, GetUserRequest, RegisterUserRequest, UpdateProfileRequest, UserCommandRequest, UserState,
+        identity_commands_client::IdentityCommandsClient, identity_commands_server::IdentityCommands,
+    },
 };
-use tonic::{
-    Request, Response, Status,
-    transport::{Channel, Endpoint},
-};
-use uuid::Uuid;
+use tonic::{Request, Response, Status};
 
-use super::model::{Emails, Users, registration_id};
+use super::{
+    claims::{Claimed, EmailClaims},
+    model::Users,
+};
 use crate::{
-    Accepted, CommandError, CommandMeta,
-    engine::{Command, Dispatch, Engine},
+    CommandError, CommandMeta,
+    engine::{Command, Engine, Location, Outcome},
+    forward::{Peers, forwarded, is_forwarded},
+    grpc::{command_meta, expected_version, invalid, reply, uuid},
 };
-
-/// Marks a forwarded command, so that it is not forwarded again.
-const FORWARDED: &str = "keel-forwarded";
 
 pub struct IdentityGrpc {
-    engine: Arc<Engine<Users>>,
-    forwarder: Forwarder,
+    users: Arc<Engine<Users>>,
+    claims: EmailClaims,
+    peers: Peers,
+    takeover_after: Duration,
 }
 
 impl IdentityGrpc {
-    pub fn new(engine: Arc<Engine<Users>>, timeout: Duration) -> Self {
-        Self { engine, forwarder: Forwarder { channels: Mutex::default(), timeout } }
+    pub fn new(users: Arc<Engine<Users>>, claims: EmailClaims, timeout: Duration, takeover_after: Duration) -> Self {
+        Self { users, claims, peers: Peers::new("identity", timeout), takeover_after }
+    }
+
+    /// Runs a command on the user `id`, on this instance (the caller found it serves the user).
+    async fn run(
+        &self,
+        id: UserId,
+        expected_version: Option<u64>,
+        meta: CommandMeta,
+        name: &'static str,
+        command: impl Fn() -> UserCommand + Send + Sync + 'static,
+    ) -> Result<Outcome<User>, Status> {
+        let command = Command {
+            aggregate_id: id.as_uuid(),
+            expected_version,
+            meta,
+            claims: Vec::new(),
+            name,
+            decide: Box::new(move |user: &User, _: &()| user.decide(command()).map_err(domain_error)),
+        };
+        Ok(self.users.run(command).await?)
+    }
+
+    /// Reserves `email` for `user`, taking over a reservation that outlived its command.
+    async fn reserve(&self, email: &Email, user: UserId) -> Result<(), Status> {
+        let Claimed::Taken { holder, age_secs } = self.claims.claim(email, user).await.map_err(storage)? else {
+            return Ok(());
+        };
+        if self.user_state(holder).await?.email_claim == self.claims.id(email).0.to_string() {
+            return Err(CommandError::Rejected("the email address is already registered".into()).into());
+        }
+        if age_secs < self.takeover_after.as_secs_f64() {
+            return Err(CommandError::Unavailable(
+                "the email address is reserved by a command that may still complete; retry".into(),
+            )
+            .into());
+        }
+        if !self.claims.take_over(email, holder, user).await.map_err(storage)? {
+            return Err(CommandError::Unavailable("the email reservation changed meanwhile; retry".into()).into());
+        }
+        tracing::info!(%holder, %user, age_secs, "took over an email reservation its holder does not hold");
+        metrics::counter!("keel_identity_claim_takeovers_total").increment(1);
+        Ok(())
+    }
+
+    /// A user as the owner of its partition knows it, current with the log.
+    async fn user_state(&self, id: UserId) -> Result<UserState, Status> {
+        match self.users.locate(id.as_uuid()).await {
+            Location::Here => Ok(self.state_of(&self.users.read_here(id.as_uuid()).await?)),
+            Location::There(endpoint) => {
+                let request = forwarded(GetUserRequest { user_id: id.to_string() });
+                let mut client = IdentityCommandsClient::new(self.peers.channel(&endpoint)?);
+                Ok(client.get_user(request).await?.into_inner())
+            }
+            Location::Nowhere(error) => Err(error.into()),
+        }
+    }
+
+    fn state_of(&self, outcome: &Outcome<User>) -> UserState {
+        let status = match &outcome.state {
+            User::Unregistered => "unregistered",
+            User::Erased { .. } => "erased",
+            User::Registered { status: AccountStatus::Active, .. } => "active",
+            User::Registered { status: AccountStatus::Deactivated, .. } => "deactivated",
+        };
+        UserState {
+            status: status.to_owned(),
+            version: outcome.accepted.version as i64,
+            email_claim: outcome.state.email().map(|email| self.claims.id(email).0.to_string()).unwrap_or_default(),
+        }
+    }
+
+    /// After a change of `user` away from `email` (or one that did not happen), the reservation
+    /// of `email` goes unless the user holds it. Failing here only leaves a reservation that a
+    /// later takeover resolves.
+    async fn release_unless_held(&self, email: &Email, user: UserId, state: &User) {
+        if state.email() == Some(email) {
+            return;
+        }
+        if let Err(error) = self.claims.release(email, user).await {
+            tracing::warn!(%user, %error, "failed to release an email reservation; a takeover will resolve it");
+        }
+    }
+
+    async fn change_email_here(
+        &self,
+        id: UserId,
+        email: Email,
+        version: Option<u64>,
+        meta: CommandMeta,
+    ) -> Result<CommandReply, Status> {
+        let before = self.users.read_here(id.as_uuid()).await?.state;
+        let previous = before.email().cloned();
+        if previous.as_ref() != Some(&email) && before.status() == Some(AccountStatus::Active) {
+            self.reserve(&email, id).await?;
+        }
+        let change = email.clone();
+        let outcome = self
+            .run(id, version, meta, "ChangeEmail", move || {
+                UserCommand::ChangeEmail(ChangeEmail { email: change.clone() })
+            })
+            .await;
+        match outcome {
+            Ok(outcome) => {
+                if let Some(previous) = previous {
+                    self.release_unless_held(&previous, id, &outcome.state).await;
+                }
+                Ok(reply(&outcome.accepted))
+            }
+            Err(status) if is_refusal(&status) => {
+                // The change did not happen; the new address is not this user's after all.
+                if let Ok(now) = self.users.read_here(id.as_uuid()).await {
+                    self.release_unless_held(&email, id, &now.state).await;
+                }
+                Err(status)
+            }
+            // The outcome is unknown: the reservation stays for the retry.
+            Err(status) => Err(status),
+        }
     }
 }
 
@@ -41,150 +166,155 @@ impl IdentityGrpc {
 impl IdentityCommands for IdentityGrpc {
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn register_user(&self, request: Request<RegisterUserRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        let request = request.into_inner();
-        let meta = command_meta(request.metadata.clone())?;
+        let forwarded_already = is_forwarded(&request);
+        let message = request.into_inner();
+        let meta = command_meta(message.metadata.clone())?;
         tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
-        let email = Email::parse(&request.email).map_err(|error| invalid(error.to_string()))?;
-        let display_name = DisplayName::parse(&request.display_name).map_err(|error| invalid(error.to_string()))?;
-        let id = registration_id(&email);
-        let command = Command {
-            aggregate_id: id,
-            expected_version: None,
-            meta,
-            claims: vec![format!("email:{}", email.as_str())],
-            name: "RegisterUser",
-            decide: Box::new(move |user: &User, emails: &Emails| {
-                let command = UserCommand::Register(RegisterUser {
-                    id: UserId::from_uuid(id),
-                    email_owner: emails.owner(&email).map(UserId::from_uuid),
-                    email: email.clone(),
-                    display_name: display_name.clone(),
-                });
-                user.decide(command).map_err(domain_error)
-            }),
+        let email = Email::parse(&message.email).map_err(|error| invalid(error.to_string()))?;
+        let display_name = DisplayName::parse(&message.display_name).map_err(|error| invalid(error.to_string()))?;
+        let id = UserId::for_registration(meta.command_id);
+        let local = || async move {
+            self.reserve(&email, id).await?;
+            let register = RegisterUser { id, email, display_name };
+            let outcome =
+                self.run(id, None, meta, "RegisterUser", move || UserCommand::Register(register.clone())).await?;
+            Ok(reply(&outcome.accepted))
         };
-        match self.engine.dispatch(command).await {
-            Dispatch::Done(outcome) => Ok(Response::new(reply_of(outcome?))),
-            Dispatch::Forward(_) if forwarded => Err(not_owner()),
-            Dispatch::Forward(endpoint) => {
-                let mut client = self.forwarder.client(&endpoint)?;
-                client.register_user(forwarded_request(request)).await
-            }
-        }
+        let remote =
+            |channel| async move { IdentityCommandsClient::new(channel).register_user(forwarded(message)).await };
+        self.peers.route(&self.users, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(command_id))]
-    async fn change_display_name(
-        &self,
-        request: Request<ChangeDisplayNameRequest>,
-    ) -> Result<Response<CommandReply>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        let request = request.into_inner();
-        let meta = command_meta(request.metadata.clone())?;
+    async fn update_profile(&self, request: Request<UpdateProfileRequest>) -> Result<Response<CommandReply>, Status> {
+        let forwarded_already = is_forwarded(&request);
+        let message = request.into_inner();
+        let meta = command_meta(message.metadata.clone())?;
         tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
-        let id = Uuid::parse_str(&request.user_id).map_err(|_| invalid("user_id: must be a UUID".into()))?;
-        let display_name = DisplayName::parse(&request.display_name).map_err(|error| invalid(error.to_string()))?;
-        let expected_version = request
-            .expected_version
-            .map(|version| u64::try_from(version).map_err(|_| invalid("expected_version: must not be negative".into())))
-            .transpose()?;
-        let command = Command {
-            aggregate_id: id,
-            expected_version,
-            meta,
-            claims: Vec::new(),
-            name: "ChangeDisplayName",
-            decide: Box::new(move |user: &User, _: &Emails| {
-                let change = ChangeDisplayName { display_name: display_name.clone() };
-                user.decide(UserCommand::ChangeDisplayName(change)).map_err(domain_error)
-            }),
+        let id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
+        let display_name = message
+            .display_name
+            .as_deref()
+            .map(DisplayName::parse)
+            .transpose()
+            .map_err(|error| invalid(error.to_string()))?;
+        let bio = message.bio.as_deref().map(Bio::parse).transpose().map_err(|error| invalid(error.to_string()))?;
+        let version = expected_version(message.expected_version)?;
+        let update = UpdateProfile { display_name, bio };
+        let local = || async move {
+            let outcome = self
+                .run(id, version, meta, "UpdateProfile", move || UserCommand::UpdateProfile(update.clone()))
+                .await?;
+            Ok(reply(&outcome.accepted))
         };
-        match self.engine.dispatch(command).await {
-            Dispatch::Done(outcome) => Ok(Response::new(reply_of(outcome?))),
-            Dispatch::Forward(_) if forwarded => Err(not_owner()),
-            Dispatch::Forward(endpoint) => {
-                let mut client = self.forwarder.client(&endpoint)?;
-                client.change_display_name(forwarded_request(request)).await
+        let remote =
+            |channel| async move { IdentityCommandsClient::new(channel).update_profile(forwarded(message)).await };
+        self.peers.route(&self.users, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(command_id))]
+    async fn change_email(&self, request: Request<ChangeEmailRequest>) -> Result<Response<CommandReply>, Status> {
+        let forwarded_already = is_forwarded(&request);
+        let message = request.into_inner();
+        let meta = command_meta(message.metadata.clone())?;
+        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
+        let email = Email::parse(&message.email).map_err(|error| invalid(error.to_string()))?;
+        let version = expected_version(message.expected_version)?;
+        let local = || self.change_email_here(id, email, version, meta);
+        let remote =
+            |channel| async move { IdentityCommandsClient::new(channel).change_email(forwarded(message)).await };
+        self.peers.route(&self.users, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(command_id))]
+    async fn deactivate(&self, request: Request<UserCommandRequest>) -> Result<Response<CommandReply>, Status> {
+        let forwarded_already = is_forwarded(&request);
+        let message = request.into_inner();
+        let meta = command_meta(message.metadata.clone())?;
+        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
+        let version = expected_version(message.expected_version)?;
+        let local = || async move {
+            let outcome = self.run(id, version, meta, "Deactivate", || UserCommand::Deactivate).await?;
+            Ok(reply(&outcome.accepted))
+        };
+        let remote = |channel| async move { IdentityCommandsClient::new(channel).deactivate(forwarded(message)).await };
+        self.peers.route(&self.users, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(command_id))]
+    async fn erase_personal_data(
+        &self,
+        request: Request<UserCommandRequest>,
+    ) -> Result<Response<CommandReply>, Status> {
+        let forwarded_already = is_forwarded(&request);
+        let message = request.into_inner();
+        let meta = command_meta(message.metadata.clone())?;
+        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
+        let version = expected_version(message.expected_version)?;
+        let local = || async move {
+            let outcome = self.run(id, version, meta, "ErasePersonalData", || UserCommand::ErasePersonalData).await?;
+            // The erasure is in the log: the key and the reservations go now (and the users
+            // projection shreds the key again when it applies the erasure, should this fail).
+            if let Err(error) = self.users.model().vault().shred(id.as_uuid()).await {
+                tracing::warn!(user = %id, %error, "failed to shred a key; the users projection will");
             }
-        }
+            if let Err(error) = self.claims.release_all(id).await {
+                tracing::warn!(user = %id, %error, "failed to release an erased user's email reservations");
+            }
+            Ok(reply(&outcome.accepted))
+        };
+        let remote =
+            |channel| async move { IdentityCommandsClient::new(channel).erase_personal_data(forwarded(message)).await };
+        self.peers.route(&self.users, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
+    }
+
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<UserState>, Status> {
+        let forwarded_already = is_forwarded(&request);
+        let message = request.into_inner();
+        let id = uuid("user_id", &message.user_id)?;
+        let local = || async move { Ok(self.state_of(&self.users.read_here(id).await?)) };
+        let remote = |channel| async move { IdentityCommandsClient::new(channel).get_user(forwarded(message)).await };
+        self.peers.route(&self.users, id, forwarded_already, local, remote).await.map(Response::new)
     }
 }
 
-/// Clients of the other instances, one lazily connected channel per endpoint.
-struct Forwarder {
-    channels: Mutex<HashMap<String, Channel>>,
-    timeout: Duration,
+/// A definite refusal: the command did not take effect.
+fn is_refusal(status: &Status) -> bool {
+    use tonic::Code;
+    matches!(status.code(), Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::Aborted)
 }
 
-impl Forwarder {
-    fn client(&self, endpoint: &str) -> Result<IdentityCommandsClient<Channel>, Status> {
-        metrics::counter!("keel_commands_forwarded_total", "service" => "identity").increment(1);
-        let mut channels = self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(channel) = channels.get(endpoint) {
-            return Ok(IdentityCommandsClient::new(channel.clone()));
-        }
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|_| {
-                tracing::error!(endpoint, "the owner directory holds an invalid endpoint");
-                Status::unavailable("cannot reach the partition's owner; retry")
-            })?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(self.timeout)
-            .connect_lazy();
-        channels.insert(endpoint.to_owned(), channel.clone());
-        Ok(IdentityCommandsClient::new(channel))
-    }
-}
-
-fn forwarded_request<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    request
-}
-
-fn not_owner() -> Status {
-    CommandError::Unavailable("this instance no longer owns the partition; retry".into()).into()
+fn storage(error: sqlx::Error) -> Status {
+    tracing::error!(%error, "email reservations are unavailable");
+    CommandError::Unavailable("email reservations are unavailable; retry".into()).into()
 }
 
 fn domain_error(error: UserError) -> CommandError {
     match error {
-        // The registered user's id is the email's: name neither the id nor who holds it.
-        UserError::EmailTaken | UserError::AlreadyRegistered(_) => {
-            CommandError::Rejected(UserError::EmailTaken.to_string())
-        }
-        UserError::NotRegistered => CommandError::NotFound(error.to_string()),
+        UserError::AlreadyRegistered(_) => CommandError::Rejected("the user is already registered".into()),
+        UserError::NotRegistered | UserError::Erased => CommandError::NotFound(error.to_string()),
+        UserError::Deactivated => CommandError::Rejected(error.to_string()),
     }
 }
 
-fn invalid(message: String) -> Status {
-    CommandError::InvalidArgument(message).into()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn command_meta(metadata: Option<CommandMetadata>) -> Result<CommandMeta, Status> {
-    let metadata = metadata.ok_or_else(|| invalid("metadata: required".into()))?;
-    let command_id =
-        Uuid::parse_str(&metadata.command_id).map_err(|_| invalid("metadata.command_id: must be a UUID".into()))?;
-    let correlation_id = if metadata.correlation_id.is_empty() {
-        command_id
-    } else {
-        Uuid::parse_str(&metadata.correlation_id)
-            .map_err(|_| invalid("metadata.correlation_id: must be a UUID".into()))?
-    };
-    let actor = if metadata.actor.is_empty() { "anonymous".to_owned() } else { metadata.actor };
-    let traceparent = Some(metadata.traceparent).filter(|traceparent| !traceparent.is_empty());
-    Ok(CommandMeta { command_id, actor, correlation_id, traceparent })
-}
+    #[test]
+    fn refusals_are_told_apart_from_unknown_outcomes() {
+        assert!(is_refusal(&Status::aborted("stale")));
+        assert!(is_refusal(&Status::already_exists("taken")));
+        assert!(!is_refusal(&Status::unavailable("outcome unknown")));
+        assert!(!is_refusal(&Status::deadline_exceeded("slow")));
+    }
 
-fn reply_of(accepted: Accepted) -> CommandReply {
-    CommandReply {
-        aggregate_id: accepted.aggregate_id.to_string(),
-        version: accepted.version as i64,
-        position: accepted.position.map(|position| Position {
-            topic: position.topic,
-            partition: position.partition,
-            offset: position.offset,
-        }),
-        replayed: accepted.replayed,
+    #[test]
+    fn erased_users_are_gone_and_deactivated_ones_refuse() {
+        assert!(matches!(domain_error(UserError::Erased), CommandError::NotFound(_)));
+        assert!(matches!(domain_error(UserError::Deactivated), CommandError::Rejected(_)));
     }
 }

@@ -4,6 +4,7 @@ mod user;
 mod values;
 
 pub use user::{
-    ChangeDisplayName, DisplayNameChanged, RegisterUser, User, UserCommand, UserError, UserEvent, UserRegistered,
+    AccountStatus, BioChanged, ChangeEmail, DisplayNameChanged, EmailChanged, RegisterUser, UpdateProfile, User,
+    UserCommand, UserError, UserEvent, UserRegistered,
 };
-pub use values::{DisplayName, Email, InvalidValue, UserId};
+pub use values::{Bio, DisplayName, Email, InvalidValue, UserId};

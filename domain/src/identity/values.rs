@@ -4,19 +4,7 @@ use std::fmt;
 
 use uuid::Uuid;
 
-/// Why an input could not become a domain value; the message is safe to show to the caller.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct InvalidValue {
-    pub field: &'static str,
-    pub reason: &'static str,
-}
-
-impl InvalidValue {
-    const fn new(field: &'static str, reason: &'static str) -> Self {
-        Self { field, reason }
-    }
-}
+pub use crate::InvalidValue;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
@@ -34,7 +22,17 @@ impl UserId {
     pub const fn as_uuid(&self) -> Uuid {
         self.0
     }
+
+    /// The id of the user a registration creates: derived from the registration's command id,
+    /// so that a retried registration (the same command) is the same user, whichever service
+    /// asks first (the password is stored before the user is registered).
+    pub fn for_registration(command_id: Uuid) -> Self {
+        Self(Uuid::new_v5(&REGISTRATION_NAMESPACE, command_id.as_bytes()))
+    }
 }
+
+/// Keel's namespace for user ids derived from registration command ids (UUIDv5).
+const REGISTRATION_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d75_7365_7273_2d76_3200_0001);
 
 impl Default for UserId {
     fn default() -> Self {
@@ -138,6 +136,32 @@ impl fmt::Display for DisplayName {
     }
 }
 
+/// What a user says about themselves: up to 500 characters, trimmed; line breaks and tabs are
+/// the only control characters allowed. Empty by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct Bio(String);
+
+impl Bio {
+    const MAX_CHARS: usize = 500;
+
+    pub fn parse(input: &str) -> Result<Self, InvalidValue> {
+        let invalid = |reason| InvalidValue::new("bio", reason);
+        let bio = input.trim();
+        if bio.chars().count() > Self::MAX_CHARS {
+            return Err(invalid("must be at most 500 characters"));
+        }
+        if bio.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\t')) {
+            return Err(invalid("must not contain control characters other than line breaks and tabs"));
+        }
+        Ok(Self(bio.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 macro_rules! string_conversions {
     ($($value:ident),*) => {$(
         impl From<$value> for String {
@@ -156,7 +180,7 @@ macro_rules! string_conversions {
     )*};
 }
 
-string_conversions!(Email, DisplayName);
+string_conversions!(Email, DisplayName, Bio);
 
 #[cfg(test)]
 mod tests {
@@ -201,5 +225,20 @@ mod tests {
         assert!(DisplayName::parse(&"é".repeat(101)).is_err());
         assert!(DisplayName::parse(" \t ").is_err());
         assert!(DisplayName::parse("Ada\u{0}").is_err());
+    }
+
+    #[test]
+    fn bios_may_be_empty_and_span_lines() {
+        assert_eq!(Bio::parse("  ").unwrap(), Bio::default());
+        assert_eq!(Bio::parse("Analyst.\nPoet.").unwrap().as_str(), "Analyst.\nPoet.");
+        assert!(Bio::parse(&"x".repeat(501)).is_err());
+        assert!(Bio::parse("bell\u{7}").is_err());
+    }
+
+    #[test]
+    fn a_registration_is_one_user_however_often_it_is_retried() {
+        let command = Uuid::new_v4();
+        assert_eq!(UserId::for_registration(command), UserId::for_registration(command));
+        assert_ne!(UserId::for_registration(command), UserId::for_registration(Uuid::new_v4()));
     }
 }

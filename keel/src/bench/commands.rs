@@ -121,7 +121,11 @@ fn milliseconds(duration: Duration) -> f64 {
 struct RegisterBody {
     email: String,
     display_name: String,
+    password: &'static str,
 }
+
+/// Every bench user's password (the cost of hashing it is part of a registration).
+const BENCH_PASSWORD: &str = "bench password, long enough";
 
 /// What the clients saw: one latency per command, and how many sends were retries.
 #[derive(Debug, Default)]
@@ -197,7 +201,11 @@ impl Gateway {
     /// Registers user `number` until the gateway answers 201; the latency and the retries.
     async fn register(&self, number: u64) -> anyhow::Result<(Duration, u64)> {
         let key = format!("bench-{}-{number}", self.run_id);
-        let body = RegisterBody { email: format!("{key}@example.com"), display_name: format!("Bench user {number}") };
+        let body = RegisterBody {
+            email: format!("{key}@example.com"),
+            display_name: format!("Bench user {number}"),
+            password: BENCH_PASSWORD,
+        };
         let url = format!("{}/v1/users", self.base_url);
         let started = Instant::now();
         let mut retries = 0;
@@ -254,8 +262,9 @@ async fn raw_produce(
     // The gateway's email and display name, so the payloads are the size of the commands' commits.
     let email_prefix = format!("bench-{id}-");
     eprintln!("encoding {} commits", warm_up.end - warm_up.start + measured.end - measured.start);
-    let warm_up_commits = super::encode_registrations(&scratch.codec, warm_up, &email_prefix, GATEWAY_ACTOR).await?;
-    let commits = super::encode_registrations(&scratch.codec, measured, &email_prefix, GATEWAY_ACTOR).await?;
+    let warm_up_commits =
+        super::encode_registrations(&scratch.codec, None, warm_up, &email_prefix, GATEWAY_ACTOR).await?;
+    let commits = super::encode_registrations(&scratch.codec, None, measured, &email_prefix, GATEWAY_ACTOR).await?;
     let count = commits.len() as u64;
     let average_payload = commits.iter().map(|commit| commit.payload.len()).sum::<usize>() as f64 / count as f64;
 

@@ -25,7 +25,7 @@ use keel_domain::{
     identity::{DisplayName, Email, UserEvent, UserId, UserRegistered},
 };
 use keel_runtime::KafkaConfig;
-use keel_topics::{CommitHeader, EventMeta, SchemaRegistryCodec, Topic, TopicNames, identity, kafka};
+use keel_topics::{CommitHeader, EventMeta, SchemaRegistryCodec, Topic, TopicNames, Vault, identity, kafka, sealing};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
 
@@ -126,9 +126,11 @@ struct Commit {
 }
 
 /// Registration commits numbered `numbers`, one new user each (`<email_prefix><n>@example.com`,
-/// `Bench user <n>`, issued by `actor`), encoded the way the identity service encodes them.
+/// `Bench user <n>`, issued by `actor`), encoded the way the identity service encodes them:
+/// sealed with a key per user, kept in `vault` (or thrown away, where only the size matters).
 async fn encode_registrations(
     codec: &SchemaRegistryCodec,
+    vault: Option<&Vault>,
     numbers: Range<u64>,
     email_prefix: &str,
     actor: &str,
@@ -150,13 +152,23 @@ async fn encode_registrations(
             correlation_id: Uuid::now_v7(),
             causation_id: None,
             traceparent: None,
+            sealed: true,
             events: vec![EventMeta {
                 event_id: Uuid::now_v7(),
                 event_type: event.event_type().into(),
                 schema_version: event.schema_version(),
             }],
         };
-        let payload = codec.encode(Topic::IdentityUsers, identity::encode(&[event])).await?;
+        let mut value = identity::encode(&[event]);
+        match vault {
+            Some(vault) => {
+                vault.seal(Topic::IdentityUsers, user.as_uuid(), &mut value).await?;
+            }
+            None => {
+                sealing::seal_commit(Topic::IdentityUsers, user.as_uuid(), &mut value, &sealing::DataKey::generate())?
+            }
+        }
+        let payload = codec.encode(Topic::IdentityUsers, value).await?;
         commits.push(Commit { key: user.as_uuid().to_string(), payload, header });
     }
     Ok(commits)

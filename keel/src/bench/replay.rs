@@ -52,7 +52,8 @@ async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectO
 
     // The records: encoded before timing, so the produce rate is the broker's.
     eprintln!("encoding {events} commits");
-    let records = super::encode_registrations(&scratch.codec, 0..events, "bench", "bench").await?;
+    let vault = keel_topics::Vault::new(pool.clone(), &config.personal_data)?;
+    let records = super::encode_registrations(&scratch.codec, Some(&vault), 0..events, "bench", "bench").await?;
 
     eprintln!("producing");
     let producer = kafka::producer(&kafka_config)?;
@@ -75,9 +76,14 @@ async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectO
     let copy = copy_rows(&pool, &records).await?;
 
     eprintln!("projecting");
-    let projector =
-        Projector::new(config.projector.clone(), kafka_config.clone(), &config.schema_registry.url, pool.clone())?;
-    let users = keel_projections::projection("users").context("the users projection exists")?;
+    let projector = Projector::new(
+        config.projector.clone(),
+        kafka_config.clone(),
+        &config.schema_registry.url,
+        pool.clone(),
+        &config.personal_data,
+    )?;
+    let users = projector.projection("users").context("the users projection exists")?;
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let task = tokio::spawn({

@@ -1,12 +1,12 @@
-//! The gateway's client of the identity command service, over every configured instance.
+//! The gateway's clients of the command services, each over every configured instance.
 //!
-//! Any instance accepts any command and forwards it to the owner of the aggregate's partition.
+//! Any instance accepts any call and forwards it to the owner of the aggregate's partition.
 //! While ownership moves (an instance stops, a partition is reassigned) an instance answers
 //! UNAVAILABLE; so does a connection that fails. The client then sends the same request — the
 //! same command id — to the next instance, backing off a little more each time, until the
-//! command timeout is spent. A command id is applied at most once, so a retry of a command whose
-//! first attempt did land returns that first result: HTTP callers see neither the move nor the
-//! retry. Every other answer, success or refusal, is final and returned at once.
+//! budget is spent. A command id is applied at most once, so a retry of a command whose first
+//! attempt did land returns that first result: HTTP callers see neither the move nor the retry.
+//! Every other answer, success or refusal, is final and returned at once.
 
 use std::{
     future::Future,
@@ -18,9 +18,6 @@ use std::{
 };
 
 use anyhow::Context;
-use keel_proto::identity::v1::{
-    ChangeDisplayNameRequest, CommandReply, RegisterUserRequest, identity_commands_client::IdentityCommandsClient,
-};
 use tokio::time::Instant;
 use tonic::{
     Code, Status,
@@ -34,9 +31,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// before the next one is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One instance of the identity command service.
+/// One instance of a service.
 #[derive(Debug, Clone)]
-pub struct IdentityEndpoint {
+pub struct ServiceEndpoint {
     /// As configured: names the instance in logs, metrics and readiness.
     pub url: String,
     /// Connects on first use and reconnects after a failure.
@@ -46,74 +43,75 @@ pub struct IdentityEndpoint {
 }
 
 /// After a broken connection, an instance is tried last for this long, so that an instance that
-/// is down does not cost every other command a failed attempt and a pause.
+/// is down does not cost every other call a failed attempt and a pause.
 const TRY_LAST_FOR: Duration = Duration::from_secs(2);
 
-/// A cheap-to-clone client of the identity command service that fails over between instances.
+/// A cheap-to-clone client of one service that fails over between its instances.
 #[derive(Debug, Clone)]
-pub struct IdentityClient {
-    endpoints: Arc<[IdentityEndpoint]>,
-    /// Where the next command starts, so commands spread over the instances.
+pub struct ServiceClient {
+    /// The service's name, in logs, metrics and readiness.
+    pub service: &'static str,
+    endpoints: Arc<[ServiceEndpoint]>,
+    /// Where the next call starts, so calls spread over the instances.
     next: Arc<AtomicUsize>,
-    /// How long one command may take, all attempts and pauses included.
+    /// How long one call may take, all attempts and pauses included.
     budget: Duration,
     /// The clock of `broken_at`.
     epoch: Instant,
 }
 
-impl IdentityClient {
+impl ServiceClient {
     /// A client of the instances at `urls`. Connections are made on first use, so the gateway
     /// starts while instances are still down.
-    pub fn new(urls: &[String], budget: Duration) -> anyhow::Result<Self> {
-        anyhow::ensure!(!urls.is_empty(), "at least one identity endpoint is needed");
+    pub fn new(service: &'static str, urls: &[String], budget: Duration) -> anyhow::Result<Self> {
+        anyhow::ensure!(!urls.is_empty(), "at least one {service} endpoint is needed");
         let endpoints = urls
             .iter()
             .map(|url| {
                 let channel = Endpoint::from_shared(url.clone())
-                    .with_context(|| format!("identity endpoint {url} is not a valid URL"))?
+                    .with_context(|| format!("{service} endpoint {url} is not a valid URL"))?
                     .connect_timeout(CONNECT_TIMEOUT.min(budget))
-                    // Pings find a connection to a vanished instance before a command waits its
+                    // Pings find a connection to a vanished instance before a call waits its
                     // whole budget on it.
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .connect_lazy();
-                Ok(IdentityEndpoint { url: url.clone(), channel, broken_at: Arc::new(AtomicU64::new(0)) })
+                Ok(ServiceEndpoint { url: url.clone(), channel, broken_at: Arc::new(AtomicU64::new(0)) })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self { endpoints: endpoints.into(), next: Arc::new(AtomicUsize::new(0)), budget, epoch: Instant::now() })
+        Ok(Self {
+            service,
+            endpoints: endpoints.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+            budget,
+            epoch: Instant::now(),
+        })
     }
 
     /// Every instance, in configuration order.
-    pub fn endpoints(&self) -> &[IdentityEndpoint] {
+    pub fn endpoints(&self) -> &[ServiceEndpoint] {
         &self.endpoints
     }
 
-    /// `RegisterUser`, failing over between instances.
-    pub async fn register_user(&self, request: RegisterUserRequest) -> Result<CommandReply, Status> {
-        self.send("RegisterUser", request, |mut client, request| async move { client.register_user(request).await })
-            .await
-    }
-
-    /// `ChangeDisplayName`, failing over between instances.
-    pub async fn change_display_name(&self, request: ChangeDisplayNameRequest) -> Result<CommandReply, Status> {
-        self.send("ChangeDisplayName", request, |mut client, request| async move {
-            client.change_display_name(request).await
-        })
-        .await
-    }
-
-    async fn send<Req, Call, Reply>(&self, rpc: &'static str, request: Req, call: Call) -> Result<CommandReply, Status>
+    /// Sends `request` with `call` (which makes the typed client from a channel), failing over
+    /// between instances.
+    pub async fn send<Req, Call, Reply, Answer>(
+        &self,
+        rpc: &'static str,
+        request: Req,
+        call: Call,
+    ) -> Result<Answer, Status>
     where
         Req: Clone,
-        Call: Fn(IdentityCommandsClient<Channel>, tonic::Request<Req>) -> Reply,
-        Reply: Future<Output = Result<tonic::Response<CommandReply>, Status>>,
+        Call: Fn(Channel, tonic::Request<Req>) -> Reply,
+        Reply: Future<Output = Result<tonic::Response<Answer>, Status>>,
     {
         let start = self.start();
-        let attempt = |endpoint: &IdentityEndpoint, remaining: Duration| {
+        let attempt = |endpoint: &ServiceEndpoint, remaining: Duration| {
             let mut request = tonic::Request::new(request.clone());
             // The service stops working on an attempt the gateway no longer waits for.
             request.set_timeout(remaining);
-            let reply = call(IdentityCommandsClient::new(endpoint.channel.clone()), request);
+            let reply = call(endpoint.channel.clone(), request);
             let (broken_at, now) = (endpoint.broken_at.clone(), self.millis());
             async move {
                 let outcome = reply.await.map(tonic::Response::into_inner);
@@ -155,8 +153,8 @@ where
             Ok(Ok(reply)) => return Ok(reply),
             Ok(Err(status)) => status,
             Err(_) => {
-                tracing::warn!(rpc, endpoint = name(target), budget_ms = budget.as_millis(), "command timed out");
-                return Err(Status::deadline_exceeded("the command service did not answer in time"));
+                tracing::warn!(rpc, endpoint = name(target), budget_ms = budget.as_millis(), "call timed out");
+                return Err(Status::deadline_exceeded("the service did not answer in time"));
             }
         };
         if !is_retryable(&status) {
@@ -164,9 +162,9 @@ where
         }
         // A retry that could not even start before the deadline only delays the answer.
         if deadline.saturating_duration_since(Instant::now()) <= backoff {
-            tracing::warn!(rpc, endpoint = name(target), code = ?status.code(), message = status.message(), "command failed and its budget is spent");
+            tracing::warn!(rpc, endpoint = name(target), code = ?status.code(), message = status.message(), "call failed and its budget is spent");
             // Whatever the last failure was, the outcome is unknown and a retry is safe.
-            return Err(Status::unavailable("the command service is unavailable; retry with the same command id"));
+            return Err(Status::unavailable("the service is unavailable; retry with the same command id"));
         }
         tracing::info!(
             rpc,
@@ -174,7 +172,7 @@ where
             code = ?status.code(),
             message = status.message(),
             backoff_ms = backoff.as_millis(),
-            "command failed, retrying on the next endpoint"
+            "call failed, retrying on the next endpoint"
         );
         metrics::counter!("keel_gateway_command_retries_total", "rpc" => rpc, "code" => code_label(status.code()))
             .increment(1);
@@ -182,10 +180,10 @@ where
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     // Only reached with no targets, which the constructor refuses.
-    Err(Status::unavailable("no identity endpoint is configured"))
+    Err(Status::unavailable("no endpoint is configured"))
 }
 
-impl IdentityClient {
+impl ServiceClient {
     fn millis(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -348,7 +346,7 @@ mod tests {
     #[tokio::test]
     async fn an_instance_whose_connection_broke_is_tried_last_for_a_while() {
         let urls = ["http://127.0.0.1:1".to_owned(), "http://127.0.0.1:2".to_owned()];
-        let client = IdentityClient::new(&urls, Duration::from_secs(1)).unwrap();
+        let client = ServiceClient::new("identity", &urls, Duration::from_secs(1)).unwrap();
         assert_eq!((client.start(), client.start()), (0, 1), "round robin");
         client.endpoints[0].broken_at.store(client.millis().max(1), Ordering::Relaxed);
         assert_eq!((client.start(), client.start(), client.start()), (1, 1, 1));

@@ -1,0 +1,267 @@
+//! What every command service boots with: the configuration common to them, the engines of its
+//! aggregates (each owning, loading and serving its partitions), the admin endpoints and the
+//! gRPC server.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use keel_runtime::{ConfigError, Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure};
+use keel_topics::{SchemaRegistryCodec, TopicNames, kafka};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+
+use crate::engine::{Engine, EngineCheck, Model, Ownership, Settings};
+
+/// Defines a command service's configuration section: the settings every service has, then its
+/// own. (serde cannot flatten a shared struct into one that refuses unknown keys.)
+#[macro_export]
+macro_rules! command_service_config {
+    (
+        $(#[$doc:meta])*
+        $name:ident { grpc: $grpc:literal, admin: $admin:literal $(,)? }
+        { $( $(#[$field_doc:meta])* $field:ident : $ty:ty = $default:expr ),* $(,)? }
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            pub grpc_listen: String,
+            /// Where other instances reach this one to forward commands (`http://host:port`).
+            /// Default: the bound gRPC address, which must then not be a wildcard address.
+            pub advertised_endpoint: Option<String>,
+            /// Health and metrics.
+            pub admin_listen: String,
+            /// Commands waiting per partition; beyond it callers get RESOURCE_EXHAUSTED.
+            pub queue_capacity: usize,
+            /// Commands decided and produced together.
+            pub max_batch: usize,
+            /// How long a caller waits for the broker's acknowledgement; a command not decided
+            /// by then is not decided at all.
+            pub command_timeout_ms: u64,
+            /// Records applied between two snapshots of a partition.
+            pub snapshot_every: u64,
+            /// Test-only: write every partition whatever the group says, beside the real owners
+            /// (a zombie). Never set it in production.
+            pub unsafe_ignore_ownership: bool,
+            $( $(#[$field_doc])* pub $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self {
+                    grpc_listen: $grpc.into(),
+                    advertised_endpoint: None,
+                    admin_listen: $admin.into(),
+                    queue_capacity: 1024,
+                    max_batch: 256,
+                    command_timeout_ms: 10_000,
+                    snapshot_every: 1000,
+                    unsafe_ignore_ownership: false,
+                    $( $field: $default, )*
+                }
+            }
+        }
+
+        impl $name {
+            /// The settings every command service has.
+            pub fn service(&self) -> $crate::service::ServiceSettings {
+                $crate::service::ServiceSettings {
+                    grpc_listen: self.grpc_listen.clone(),
+                    advertised_endpoint: self.advertised_endpoint.clone(),
+                    admin_listen: self.admin_listen.clone(),
+                    queue_capacity: self.queue_capacity,
+                    max_batch: self.max_batch,
+                    command_timeout_ms: self.command_timeout_ms,
+                    snapshot_every: self.snapshot_every,
+                    unsafe_ignore_ownership: self.unsafe_ignore_ownership,
+                }
+            }
+        }
+    };
+}
+
+/// The settings every command service has (see [`command_service_config!`]).
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    pub grpc_listen: String,
+    pub advertised_endpoint: Option<String>,
+    pub admin_listen: String,
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+    pub command_timeout_ms: u64,
+    pub snapshot_every: u64,
+    pub unsafe_ignore_ownership: bool,
+}
+
+impl ServiceSettings {
+    /// Checks the common settings of the section `section`.
+    pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        let path = |key: &str| format!("{section}.{key}");
+        ensure(self.queue_capacity > 0, &path("queue_capacity"), "must be positive")?;
+        ensure(self.max_batch > 0, &path("max_batch"), "must be positive")?;
+        ensure(self.command_timeout_ms > 0, &path("command_timeout_ms"), "must be positive")?;
+        ensure(self.snapshot_every > 0, &path("snapshot_every"), "must be positive")?;
+        ensure(
+            self.advertised_endpoint.as_ref().is_none_or(|endpoint| endpoint.parse::<http::Uri>().is_ok()),
+            &path("advertised_endpoint"),
+            "must be a URL such as http://10.0.0.5:50051",
+        )
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.command_timeout_ms)
+    }
+
+    fn engine_settings(&self) -> Settings {
+        Settings {
+            queue_capacity: self.queue_capacity,
+            max_batch: self.max_batch,
+            snapshot_every: self.snapshot_every,
+            command_timeout: self.command_timeout(),
+        }
+    }
+
+    fn endpoint(&self, section: &str, bound: SocketAddr) -> anyhow::Result<String> {
+        match &self.advertised_endpoint {
+            Some(endpoint) => Ok(endpoint.clone()),
+            None if bound.ip().is_unspecified() => anyhow::bail!(
+                "{section}.grpc_listen binds a wildcard address ({bound}); set {section}.advertised_endpoint"
+            ),
+            None => Ok(format!("http://{bound}")),
+        }
+    }
+}
+
+/// Builds one command service: its engines, then its servers.
+pub struct ServiceBuilder<'a> {
+    name: &'static str,
+    settings: ServiceSettings,
+    kafka: KafkaConfig,
+    names: TopicNames,
+    codec: SchemaRegistryCodec,
+    pool: PgPool,
+    endpoint: String,
+    lifecycle: &'a mut Lifecycle,
+    checks: Vec<Arc<dyn ReadinessCheck>>,
+    grpc_listener: TcpListener,
+}
+
+impl<'a> ServiceBuilder<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &'static str,
+        settings: ServiceSettings,
+        kafka: &KafkaConfig,
+        registry_url: &str,
+        pool: PgPool,
+        lifecycle: &'a mut Lifecycle,
+        grpc_listener: TcpListener,
+    ) -> anyhow::Result<Self> {
+        let names = TopicNames::new(kafka.topic_prefix.clone());
+        let endpoint = settings.endpoint(name, grpc_listener.local_addr()?)?;
+        let codec = SchemaRegistryCodec::new(registry_url, names.clone())?;
+        let checks: Vec<Arc<dyn ReadinessCheck>> = vec![Arc::new(kafka::BrokerCheck::new(kafka)?)];
+        Ok(Self {
+            name,
+            settings,
+            kafka: kafka.clone(),
+            names,
+            codec,
+            pool,
+            endpoint,
+            lifecycle,
+            checks,
+            grpc_listener,
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn lifecycle(&mut self) -> &mut Lifecycle {
+        self.lifecycle
+    }
+
+    pub fn settings(&self) -> &ServiceSettings {
+        &self.settings
+    }
+
+    /// The write path of one aggregate type: it owns, loads and serves its partitions as the
+    /// group assigns them, and the service is ready once they are loaded.
+    pub async fn engine<M: Model>(&mut self, model: M) -> anyhow::Result<Arc<Engine<M>>> {
+        let topic = self.names.name(M::TOPIC);
+        let engine = Arc::new(
+            Engine::new(
+                model,
+                &self.kafka,
+                topic.clone(),
+                self.codec.clone(),
+                self.pool.clone(),
+                self.endpoint.clone(),
+                self.settings.engine_settings(),
+            )
+            .await
+            .with_context(|| format!("failed to start the write path of {topic}"))?,
+        );
+        self.checks.push(Arc::new(EngineCheck(engine.clone())));
+        let ownership = if self.settings.unsafe_ignore_ownership { Ownership::UnsafeAll } else { Ownership::Group };
+        let token = self.lifecycle.token();
+        self.lifecycle.spawn(format!("{} partitions of {topic}", self.name), engine.clone().serve(ownership, token));
+        Ok(engine)
+    }
+
+    /// Starts the admin endpoints and the gRPC server (with gRPC health) for `routes`.
+    pub fn serve(self, admin_listener: TcpListener, routes: tonic::service::Routes) {
+        let health = Health::new(self.checks, self.lifecycle.token());
+        self.lifecycle.serve_http(self.name, admin_listener, keel_runtime::admin::router(health));
+        let (_reporter, health_service) = tonic_health::server::health_reporter();
+        let token = self.lifecycle.token();
+        let listener = self.grpc_listener;
+        let name = self.name;
+        self.lifecycle.spawn(format!("{name} gRPC"), async move {
+            tonic::transport::Server::builder()
+                .add_routes(routes.add_service(health_service))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    token.cancelled_owned(),
+                )
+                .await
+                .with_context(|| format!("{name} gRPC server failed"))
+        });
+    }
+}
+
+/// Defines the model of an aggregate whose topic seals nothing: its wire form is its whole story.
+#[macro_export]
+macro_rules! plain_model {
+    ($(#[$doc:meta])* $name:ident { state: $state:ty, event: $event:ty, topic: $topic:expr, service: $service:literal, encode: $encode:path, decode: $decode:path $(,)? }) => {
+        $(#[$doc])*
+        pub struct $name;
+
+        impl $crate::engine::Model for $name {
+            type State = $state;
+            type Event = $event;
+            type Index = ();
+
+            const TOPIC: keel_topics::Topic = $topic;
+            const SERVICE: &'static str = $service;
+
+            async fn encode(
+                &self,
+                _aggregate_id: uuid::Uuid,
+                events: &[$event],
+            ) -> Result<(apache_avro::types::Value, bool), keel_topics::CodecError> {
+                Ok(($encode(events), false))
+            }
+
+            async fn decode(
+                &self,
+                _header: &keel_topics::CommitHeader,
+                decoded: keel_topics::Decoded,
+            ) -> Result<Vec<$event>, keel_topics::CodecError> {
+                $decode(&decoded)
+            }
+        }
+    };
+}
