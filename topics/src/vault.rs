@@ -22,16 +22,17 @@ use crate::{
 #[serde(deny_unknown_fields, default)]
 pub struct PersonalDataConfig {
     /// 32 random bytes, base64: wraps every data key. Losing it loses every sealed field; it must
-    /// be the same for every role of an installation.
-    pub master_key: Secret,
+    /// be the same for every role of an installation. Unset: a fixed development key, and every
+    /// role using it says so at start.
+    pub master_key: Option<Secret>,
 }
 
-/// For development only; a role using it says so at start.
+/// For development only.
 const DEVELOPMENT_MASTER_KEY: &str = "a2VlbC1kZXZlbG9wbWVudC1tYXN0ZXIta2V5LTAwMDE=";
 
 impl Default for PersonalDataConfig {
     fn default() -> Self {
-        Self { master_key: Secret::new(DEVELOPMENT_MASTER_KEY) }
+        Self { master_key: None }
     }
 }
 
@@ -45,7 +46,8 @@ impl PersonalDataConfig {
     }
 
     fn master_key(&self) -> Result<DataKey, ()> {
-        DataKey::from_base64(self.master_key.expose()).ok_or(())
+        let text = self.master_key.as_ref().map_or(DEVELOPMENT_MASTER_KEY, Secret::expose);
+        DataKey::from_base64(text).ok_or(())
     }
 }
 
@@ -97,8 +99,10 @@ const CACHE_TTL: Duration = Duration::from_secs(300);
 impl Vault {
     pub fn new(pool: PgPool, config: &PersonalDataConfig) -> Result<Self, keel_runtime::ConfigError> {
         config.validate()?;
-        if config.master_key.expose() == DEVELOPMENT_MASTER_KEY {
-            tracing::warn!("personal_data.master_key is the development key: set your own outside development");
+        if config.master_key.is_none() {
+            tracing::warn!(
+                "personal_data.master_key is not set: using the development key; set your own outside development"
+            );
         }
         let master = config.master_key().expect("validated above");
         let cache = moka::sync::Cache::builder().max_capacity(CACHE_ENTRIES).time_to_live(CACHE_TTL).build();
@@ -228,7 +232,7 @@ mod tests {
     fn the_master_key_must_be_32_bytes_of_base64() {
         assert!(PersonalDataConfig::default().validate().is_ok());
         for bad in ["", "not base64!", "c2hvcnQ="] {
-            let config = PersonalDataConfig { master_key: Secret::new(bad) };
+            let config = PersonalDataConfig { master_key: Some(Secret::new(bad)) };
             assert!(config.validate().is_err(), "{bad:?}");
         }
     }

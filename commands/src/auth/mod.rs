@@ -38,8 +38,9 @@ crate::command_service_config! {
         key_rotation_secs: u64 = 24 * 3600,
         /// How long before it signs a new key is published; above the gateways' JWKS refresh.
         key_publish_ahead_secs: u64 = 120,
-        /// 32 bytes, base64: wraps the private signing keys stored in PostgreSQL.
-        key_encryption_key: Secret = Secret::new(DEVELOPMENT_KEY_ENCRYPTION_KEY),
+        /// 32 bytes, base64: wraps the private signing keys stored in PostgreSQL. Unset: a fixed
+        /// development key, with a warning.
+        key_encryption_key: Option<Secret> = None,
         argon2: Argon2Config = Argon2Config::default(),
     }
 }
@@ -59,7 +60,7 @@ impl AuthConfig {
     }
 
     pub fn kek(&self) -> Option<DataKey> {
-        DataKey::from_base64(self.key_encryption_key.expose())
+        DataKey::from_base64(self.key_encryption_key.as_ref().map_or(DEVELOPMENT_KEY_ENCRYPTION_KEY, Secret::expose))
     }
 
     pub fn key_settings(&self) -> KeySettings {
@@ -92,8 +93,10 @@ pub async fn start(
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
 ) -> anyhow::Result<()> {
-    if config.key_encryption_key.expose() == DEVELOPMENT_KEY_ENCRYPTION_KEY {
-        tracing::warn!("auth.key_encryption_key is the development key: set your own outside development");
+    if config.key_encryption_key.is_none() {
+        tracing::warn!(
+            "auth.key_encryption_key is not set: using the development key; set your own outside development"
+        );
     }
     let kek = config.kek().expect("validated with the configuration");
     let keys = SigningKeys::load(pool.clone(), kek, config.key_settings()).await?;

@@ -16,13 +16,16 @@ pub use model::Users;
 
 use crate::service::ServiceBuilder;
 
+/// For development only.
+const DEVELOPMENT_EMAIL_KEY: &str = "keel-development-email-key";
+
 crate::command_service_config! {
     /// The `identity` section of the configuration.
     IdentityConfig { grpc: "127.0.0.1:50051", admin: "127.0.0.1:9101" }
     {
         /// The HMAC key of email reservations. The same for every instance, and never changed
-        /// (reservations are found by it).
-        email_key: Secret = Secret::new("keel-development-email-key"),
+        /// (reservations are found by it). Unset: a fixed development key, with a warning.
+        email_key: Option<Secret> = None,
         /// How old an email reservation must be before another user may take it over, when its
         /// holder does not hold the address (an interrupted command). Well above
         /// `command_timeout_ms`.
@@ -33,7 +36,11 @@ crate::command_service_config! {
 impl IdentityConfig {
     pub fn validate(&self) -> Result<(), keel_runtime::ConfigError> {
         self.service().validate("identity")?;
-        ensure(!self.email_key.expose().is_empty(), "identity.email_key", "must not be empty")?;
+        ensure(
+            self.email_key.as_ref().is_none_or(|key| !key.expose().is_empty()),
+            "identity.email_key",
+            "must not be empty",
+        )?;
         ensure(
             self.claim_takeover_secs * 1000 >= 2 * self.command_timeout_ms,
             "identity.claim_takeover_secs",
@@ -56,9 +63,15 @@ pub async fn start(
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
 ) -> anyhow::Result<()> {
-    if config.email_key.expose() == IdentityConfig::default().email_key.expose() {
-        tracing::warn!("identity.email_key is the development key: set your own outside development");
-    }
+    let email_key = match &config.email_key {
+        Some(key) => key.expose(),
+        None => {
+            tracing::warn!(
+                "identity.email_key is not set: using the development key; set your own outside development"
+            );
+            DEVELOPMENT_EMAIL_KEY
+        }
+    };
     let mut service = ServiceBuilder::new(
         "identity",
         config.service(),
@@ -70,7 +83,7 @@ pub async fn start(
     )?;
     let vault = Vault::new(pool.clone(), personal_data)?;
     let users = service.engine(Users::new(vault)).await?;
-    let claims = EmailClaims::new(pool, config.email_key.expose());
+    let claims = EmailClaims::new(pool, email_key);
     let grpc = grpc::IdentityGrpc::new(
         users,
         claims,

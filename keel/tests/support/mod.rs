@@ -161,12 +161,17 @@ impl Drop for TestDatabase {
 pub enum Role {
     Registry,
     Identity,
+    Auth,
+    Authz,
+    Blog,
     Projector,
     Gateway,
     /// A second projector instance, with its own admin address.
     SecondProjector,
     /// A second identity instance, with its own gRPC and admin addresses.
     SecondIdentity,
+    /// A second gateway, with its own listen address.
+    SecondGateway,
 }
 
 impl Role {
@@ -174,11 +179,35 @@ impl Role {
         match self {
             Self::Registry => "registry",
             Self::Identity | Self::SecondIdentity => "identity",
+            Self::Auth => "auth",
+            Self::Authz => "authz",
+            Self::Blog => "blog",
             Self::Projector | Self::SecondProjector => "projector",
-            Self::Gateway => "gateway",
+            Self::Gateway | Self::SecondGateway => "gateway",
         }
     }
 }
+
+/// Every role a full platform runs, in start order.
+pub const ALL_ROLES: &[Role] = &[
+    Role::Registry,
+    Role::Identity,
+    Role::SecondIdentity,
+    Role::Auth,
+    Role::Authz,
+    Role::Blog,
+    Role::Projector,
+    Role::Gateway,
+];
+
+/// What the identity write path needs to register users and the gateway to check tokens.
+pub const IDENTITY_ROLES: &[Role] =
+    &[Role::Registry, Role::Identity, Role::SecondIdentity, Role::Auth, Role::Authz, Role::Projector, Role::Gateway];
+
+/// The email the platform makes an admin (`authz.bootstrap_admins`).
+pub const ADMIN_EMAIL: &str = "admin@keel.test";
+/// The password of every account the tests make.
+pub const PASSWORD: &str = "correct horse battery staple";
 
 struct Running {
     child: Child,
@@ -200,13 +229,23 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// Broker, database, migrations, topics, then registry, two identity instances, projector and
-    /// gateway.
+    /// Broker, database, migrations, topics, then every role ([`ALL_ROLES`]).
     pub async fn start() -> Self {
+        Self::start_roles(ALL_ROLES).await
+    }
+
+    /// Broker, database, migrations, topics, then `roles`: the registry first (the others register
+    /// their schemas with it as they start), then the rest together.
+    pub async fn start_roles(roles: &[Role]) -> Self {
         let mut platform = Self::prepare().await;
-        for role in [Role::Registry, Role::Identity, Role::SecondIdentity, Role::Projector, Role::Gateway] {
-            platform.spawn(role);
-            platform.wait_ready(role, Duration::from_secs(60)).await;
+        let (first, rest): (Vec<Role>, Vec<Role>) = roles.iter().partition(|role| **role == Role::Registry);
+        for group in [first, rest] {
+            for role in &group {
+                platform.spawn(*role);
+            }
+            for role in &group {
+                platform.wait_ready(*role, Duration::from_secs(90)).await;
+            }
         }
         platform
     }
@@ -219,15 +258,23 @@ impl Platform {
         let registry = free_port();
         let identity_grpc = free_port();
         let second_identity_grpc = free_port();
+        let (auth_grpc, authz_grpc, blog_grpc) = (free_port(), free_port(), free_port());
         let ports = [
             ("KEEL_REGISTRY__LISTEN", registry),
             ("KEEL_IDENTITY__GRPC_LISTEN", identity_grpc),
             ("KEEL_IDENTITY__ADMIN_LISTEN", free_port()),
+            ("KEEL_AUTH__GRPC_LISTEN", auth_grpc),
+            ("KEEL_AUTH__ADMIN_LISTEN", free_port()),
+            ("KEEL_AUTHZ__GRPC_LISTEN", authz_grpc),
+            ("KEEL_AUTHZ__ADMIN_LISTEN", free_port()),
+            ("KEEL_BLOG__GRPC_LISTEN", blog_grpc),
+            ("KEEL_BLOG__ADMIN_LISTEN", free_port()),
             ("KEEL_PROJECTOR__ADMIN_LISTEN", free_port()),
             ("KEEL_GATEWAY__LISTEN", free_port()),
             ("SECOND_PROJECTOR_ADMIN_LISTEN", free_port()),
             ("SECOND_IDENTITY_GRPC_LISTEN", second_identity_grpc),
             ("SECOND_IDENTITY_ADMIN_LISTEN", free_port()),
+            ("SECOND_GATEWAY_LISTEN", free_port()),
         ];
         let mut env: Vec<(String, String)> =
             ports.iter().map(|(key, port)| ((*key).to_owned(), format!("127.0.0.1:{port}"))).collect();
@@ -240,8 +287,22 @@ impl Platform {
                     "KEEL_GATEWAY__IDENTITY_ENDPOINTS",
                     format!("http://127.0.0.1:{identity_grpc},http://127.0.0.1:{second_identity_grpc}"),
                 ),
+                ("KEEL_GATEWAY__AUTH_ENDPOINTS", format!("http://127.0.0.1:{auth_grpc}")),
+                ("KEEL_GATEWAY__AUTHZ_ENDPOINTS", format!("http://127.0.0.1:{authz_grpc}")),
+                ("KEEL_GATEWAY__BLOG_ENDPOINTS", format!("http://127.0.0.1:{blog_grpc}")),
                 ("KEEL_LOG__FORMAT", "json".to_owned()),
                 ("KEEL_SHUTDOWN__GRACE_PERIOD_MS", "10000".to_owned()),
+                // Cheap hashes: thousands of registrations would otherwise cost minutes of CPU.
+                ("KEEL_AUTH__ARGON2__MEMORY_KIB", "256".to_owned()),
+                ("KEEL_AUTH__ARGON2__ITERATIONS", "1".to_owned()),
+                ("KEEL_AUTHZ__BOOTSTRAP_ADMINS", ADMIN_EMAIL.to_owned()),
+                // Limits far above what a test sends (the shared Redis, each test under its own
+                // keys); the rate limit tests set their own.
+                ("KEEL_GATEWAY__RATE_LIMIT__KEY_PREFIX", format!("keel-test:{}:", uuid::Uuid::new_v4().simple())),
+                ("KEEL_GATEWAY__RATE_LIMIT__PER_IP", r#"{"per_second": 100000, "burst": 100000}"#.to_owned()),
+                ("KEEL_GATEWAY__RATE_LIMIT__PER_USER", r#"{"per_second": 100000, "burst": 100000}"#.to_owned()),
+                ("KEEL_GATEWAY__RATE_LIMIT__LOGIN_PER_IP", r#"{"per_second": 100000, "burst": 100000}"#.to_owned()),
+                ("KEEL_GATEWAY__RATE_LIMIT__LOGIN_PER_ACCOUNT", r#"{"per_second": 1000, "burst": 1000}"#.to_owned()),
             ]
             .map(|(key, value)| (key.to_owned(), value)),
         );
@@ -249,10 +310,14 @@ impl Platform {
         let admin_urls = BTreeMap::from([
             (Role::Registry, format!("http://{}", address("KEEL_REGISTRY__LISTEN"))),
             (Role::Identity, format!("http://{}", address("KEEL_IDENTITY__ADMIN_LISTEN"))),
+            (Role::Auth, format!("http://{}", address("KEEL_AUTH__ADMIN_LISTEN"))),
+            (Role::Authz, format!("http://{}", address("KEEL_AUTHZ__ADMIN_LISTEN"))),
+            (Role::Blog, format!("http://{}", address("KEEL_BLOG__ADMIN_LISTEN"))),
             (Role::Projector, format!("http://{}", address("KEEL_PROJECTOR__ADMIN_LISTEN"))),
             (Role::Gateway, format!("http://{}", address("KEEL_GATEWAY__LISTEN"))),
             (Role::SecondProjector, format!("http://{}", address("SECOND_PROJECTOR_ADMIN_LISTEN"))),
             (Role::SecondIdentity, format!("http://{}", address("SECOND_IDENTITY_ADMIN_LISTEN"))),
+            (Role::SecondGateway, format!("http://{}", address("SECOND_GATEWAY_LISTEN"))),
         ]);
         let overrides = BTreeMap::from([
             (
@@ -266,6 +331,7 @@ impl Platform {
                     ("KEEL_IDENTITY__ADMIN_LISTEN".to_owned(), address("SECOND_IDENTITY_ADMIN_LISTEN")),
                 ],
             ),
+            (Role::SecondGateway, vec![("KEEL_GATEWAY__LISTEN".to_owned(), address("SECOND_GATEWAY_LISTEN"))]),
         ]);
         env.retain(|(key, _)| !key.starts_with("SECOND_"));
         let gateway_url = admin_urls[&Role::Gateway].clone();
@@ -360,17 +426,62 @@ impl Platform {
         String::from_utf8(output.stdout).unwrap()
     }
 
-    /// Registers a user through the gateway; its id.
+    /// Registers a user through the gateway (password [`PASSWORD`]); its id.
     pub async fn register(&self, client: &reqwest::Client, email: &str, display_name: &str) -> String {
+        self.register_at(client, email, display_name).await.0
+    }
+
+    /// Registers a user; its id and the registration's consistency token.
+    async fn register_at(&self, client: &reqwest::Client, email: &str, display_name: &str) -> (String, String) {
         let response = client
             .post(format!("{}/v1/users", self.gateway_url))
-            .json(&serde_json::json!({"email": email, "display_name": display_name}))
+            .json(&serde_json::json!({"email": email, "display_name": display_name, "password": PASSWORD}))
             .send()
             .await
             .unwrap();
         assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        let token = response.headers()["keel-position"].to_str().unwrap().to_owned();
         let body: serde_json::Value = response.json().await.unwrap();
-        body["id"].as_str().unwrap().to_owned()
+        (body["id"].as_str().unwrap().to_owned(), token)
+    }
+
+    /// Logs in; the account. `consistency`: a token the login waits for (a registration's).
+    pub async fn login(&self, client: &reqwest::Client, email: &str, consistency: Option<&str>) -> Account {
+        let mut request = client
+            .post(format!("{}/v1/auth/login", self.gateway_url))
+            .json(&serde_json::json!({"email": email, "password": PASSWORD}));
+        if let Some(token) = consistency {
+            request = request.header("keel-consistency", token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "login of {email}: {}", response.text().await.unwrap());
+        let body: serde_json::Value = response.json().await.unwrap();
+        Account {
+            id: body["user_id"].as_str().unwrap().to_owned(),
+            access_token: body["access_token"].as_str().unwrap().to_owned(),
+            refresh_token: body["refresh_token"].as_str().unwrap().to_owned(),
+            session_id: body["session_id"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// Registers a user and logs them in.
+    pub async fn signup(&self, client: &reqwest::Client, email: &str, display_name: &str) -> Account {
+        let (id, token) = self.register_at(client, email, display_name).await;
+        let account = self.login(client, email, Some(&token)).await;
+        assert_eq!(account.id, id);
+        account
+    }
+
+    /// The bootstrap admin ([`ADMIN_EMAIL`]), signed up and logged in once its grant is in force.
+    pub async fn admin(&self, client: &reqwest::Client) -> Account {
+        let admin = self.signup(client, ADMIN_EMAIL, "Admin").await;
+        let url = format!("{}/v1/roles", self.gateway_url);
+        eventually(Duration::from_secs(30), "the bootstrap admin's grant", || async {
+            let response = client.get(&url).bearer_auth(&admin.access_token).send().await.unwrap();
+            (response.status() == 200).then_some(())
+        })
+        .await;
+        admin
     }
 
     pub fn admin_url(&self, role: Role) -> &str {
@@ -403,10 +514,19 @@ impl Drop for Platform {
     }
 }
 
+/// A signed-in user.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub id: String,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub session_id: String,
+}
+
 /// Registers a user the way a careful client does without idempotency keys: a `503` means the
 /// outcome is unknown, so it retries; a `409` after a `503` means the first attempt landed.
 pub async fn register_retrying(client: &reqwest::Client, url: &str, email: &str, display_name: &str) {
-    let body = serde_json::json!({"email": email, "display_name": display_name});
+    let body = serde_json::json!({"email": email, "display_name": display_name, "password": PASSWORD});
     let mut unknown_outcome = false;
     for _ in 0..100 {
         let response = client.post(url).json(&body).send().await.unwrap();
