@@ -248,7 +248,8 @@ impl AppState {
 }
 
 /// Readiness: at least one instance of a service answers gRPC health checks, since calls fail
-/// over to whichever does. Which instances answer is the gauge
+/// over to whichever does. Not critical: a service being down fails the routes that need it
+/// (503), not the gateway, so `/readyz` says `degraded` for it and stays 200. Which instances answer is the gauge
 /// `keel_gateway_endpoint_up{service,endpoint}`, and a log line when an instance comes or goes;
 /// when none does, the reason names each with its failure.
 struct ServiceCheck {
@@ -273,6 +274,10 @@ impl ServiceCheck {
 impl ReadinessCheck for ServiceCheck {
     fn name(&self) -> &'static str {
         self.client.service
+    }
+
+    fn critical(&self) -> bool {
+        false
     }
 
     async fn check(&self) -> Result<(), String> {

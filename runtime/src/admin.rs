@@ -13,6 +13,11 @@ pub trait ReadinessCheck: Send + Sync {
     fn name(&self) -> &'static str;
     /// `Err` carries a short, operator-facing reason.
     async fn check(&self) -> Result<(), String>;
+    /// Whether the role cannot serve while this check fails. A failing check that is not
+    /// critical (a backend only some routes need) shows as `degraded` and leaves the role ready.
+    fn critical(&self) -> bool {
+        true
+    }
 }
 
 /// The readiness checks of a role and its shutdown state.
@@ -35,18 +40,19 @@ impl Health {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("timed out after {:?}", self.timeout)),
             };
-            (check.name(), outcome)
+            (check.name(), check.critical(), outcome)
         }))
         .await;
         let mut ready = !self.shutdown.is_cancelled();
         let mut checks = serde_json::Map::new();
-        for (name, outcome) in results {
+        for (name, critical, outcome) in results {
             let status = match outcome {
                 Ok(()) => json!({"status": "up"}),
-                Err(reason) => {
+                Err(reason) if critical => {
                     ready = false;
                     json!({"status": "down", "reason": reason})
                 }
+                Err(reason) => json!({"status": "degraded", "reason": reason}),
             };
             checks.insert(name.to_owned(), status);
         }

@@ -20,9 +20,19 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 pub const TOPIC_PARTITIONS: i32 = 8;
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, below the ephemeral range (Linux: 32768 and up), so that
+/// no outgoing connection takes it before the role that is to listen on it binds it; and never
+/// the same twice in one test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap();
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 fn log_dir() -> PathBuf {
@@ -206,6 +216,10 @@ pub const IDENTITY_ROLES: &[Role] =
 
 /// The email the platform makes an admin (`authz.bootstrap_admins`).
 pub const ADMIN_EMAIL: &str = "admin@keel.test";
+/// `auth.key_encryption_key` of the test platforms, so tests can read the signing keys.
+pub const KEY_ENCRYPTION_KEY: &str = "dGVzdC1rZXktZW5jcnlwdGlvbi1rZXktMzItYnl0ZXM=";
+/// `personal_data.master_key` of the test platforms.
+pub const MASTER_KEY: &str = "dGVzdC1wZXJzb25hbC1kYXRhLW1hc3Rlci1rZXktMzI=";
 /// The password of every account the tests make.
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -292,10 +306,16 @@ impl Platform {
                 ("KEEL_GATEWAY__BLOG_ENDPOINTS", format!("http://127.0.0.1:{blog_grpc}")),
                 ("KEEL_LOG__FORMAT", "json".to_owned()),
                 ("KEEL_SHUTDOWN__GRACE_PERIOD_MS", "10000".to_owned()),
+                // Every role of every platform a test binary runs at once shares one PostgreSQL
+                // server (100 connections by default).
+                ("KEEL_DATABASE__MAX_CONNECTIONS", "4".to_owned()),
                 // Cheap hashes: thousands of registrations would otherwise cost minutes of CPU.
                 ("KEEL_AUTH__ARGON2__MEMORY_KIB", "256".to_owned()),
                 ("KEEL_AUTH__ARGON2__ITERATIONS", "1".to_owned()),
                 ("KEEL_AUTHZ__BOOTSTRAP_ADMINS", ADMIN_EMAIL.to_owned()),
+                ("KEEL_AUTH__KEY_ENCRYPTION_KEY", KEY_ENCRYPTION_KEY.to_owned()),
+                ("KEEL_PERSONAL_DATA__MASTER_KEY", MASTER_KEY.to_owned()),
+                ("KEEL_IDENTITY__EMAIL_KEY", "keel-test-email-key".to_owned()),
                 // Limits far above what a test sends (the shared Redis, each test under its own
                 // keys); the rate limit tests set their own.
                 ("KEEL_GATEWAY__RATE_LIMIT__KEY_PREFIX", format!("keel-test:{}:", uuid::Uuid::new_v4().simple())),
@@ -464,10 +484,19 @@ impl Platform {
         }
     }
 
-    /// Registers a user and logs them in.
+    /// Registers a user and logs them in. The login waits for the users projection to have the
+    /// registration (at most `gateway.consistency_timeout_ms` at a time): a projector that just
+    /// started may take longer, so a refused login is tried again for a while.
     pub async fn signup(&self, client: &reqwest::Client, email: &str, display_name: &str) -> Account {
         let (id, token) = self.register_at(client, email, display_name).await;
-        let account = self.login(client, email, Some(&token)).await;
+        let url = format!("{}/v1/auth/login", self.gateway_url);
+        let body = serde_json::json!({"email": email, "password": PASSWORD});
+        eventually(Duration::from_secs(60), "the registration to reach the users projection", || async {
+            let response = client.post(&url).header("keel-consistency", &token).json(&body).send().await.unwrap();
+            (response.status() == 200).then_some(())
+        })
+        .await;
+        let account = self.login(client, email, None).await;
         assert_eq!(account.id, id);
         account
     }
