@@ -12,7 +12,7 @@ use keel_domain::{
     identity::{Email, UserId},
 };
 use keel_proto::{
-    auth::v1::{SetPasswordRequest, auth_client::AuthClient},
+    auth::v1::{RemovePasswordRequest, SetPasswordRequest, auth_client::AuthClient},
     identity::v1::{
         ChangeEmailRequest, RegisterUserRequest, UpdateProfileRequest, UserCommandRequest,
         identity_commands_client::IdentityCommandsClient,
@@ -199,7 +199,8 @@ pub(crate) async fn deactivate(
 }
 
 /// `DELETE /v1/users/{id}/personal-data`: the user's personal data is erased everywhere it can
-/// be read (its key is shredded, so the log's copy is ciphertext nobody can open).
+/// be read (its key is shredded, so the log's copy is ciphertext nobody can open), and their
+/// password goes with it. A retry with the same `Idempotency-Key` finishes an interrupted one.
 pub(crate) async fn erase(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -221,6 +222,17 @@ pub(crate) async fn erase(
         })
         .await
         .map_err(|status| rejected("erase personal data", &status))?;
+    let remove = RemovePasswordRequest {
+        metadata: Some(metadata(&headers, Uuid::new_v5(&command_id, b"RemovePassword"), &caller)),
+        user_id: id.to_string(),
+    };
+    state
+        .auth
+        .send("RemovePassword", remove, |channel, request| async move {
+            AuthClient::new(channel).remove_password(request).await
+        })
+        .await
+        .map_err(|status| rejected("remove password", &status))?;
     Ok(command_response(StatusCode::OK, reply))
 }
 

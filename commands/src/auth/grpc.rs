@@ -18,8 +18,8 @@ use keel_domain::{
 };
 use keel_proto::{
     auth::v1::{
-        GetJwksRequest, Jwks, LoginRequest, LogoutRequest, RefreshRequest, SetPasswordRequest, StartSessionRequest,
-        Tokens, auth_client::AuthClient, auth_server::Auth,
+        GetJwksRequest, Jwks, LoginRequest, LogoutRequest, RefreshRequest, RemovePasswordRequest, SetPasswordRequest,
+        StartSessionRequest, Tokens, auth_client::AuthClient, auth_server::Auth,
     },
     common::v1::CommandReply,
     token::{self, AccessClaims},
@@ -272,6 +272,37 @@ impl Auth for AuthGrpc {
             Ok(reply(&self.credentials.run(command).await?.accepted))
         };
         let remote = |channel| async move { AuthClient::new(channel).set_password(forwarded(message)).await };
+        self.peers
+            .route(&self.credentials, user_id.as_uuid(), forwarded_already, local, remote)
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(command_id))]
+    async fn remove_password(&self, request: Request<RemovePasswordRequest>) -> Result<Response<CommandReply>, Status> {
+        let forwarded_already = is_forwarded(&request);
+        let message = request.into_inner();
+        let meta = command_meta(message.metadata.clone())?;
+        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let user_id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
+        let local = || async move {
+            let command = Command {
+                aggregate_id: user_id.as_uuid(),
+                expected_version: None,
+                meta,
+                claims: Vec::new(),
+                name: "RemovePassword",
+                decide: Box::new(|credentials: &Credentials, _: &()| {
+                    match credentials.decide(CredentialsCommand::Remove) {
+                        // Nothing to remove is what was asked for.
+                        Err(CredentialsError::NoPassword) => Ok(Vec::new()),
+                        decided => decided.map_err(credentials_error),
+                    }
+                }),
+            };
+            Ok(reply(&self.credentials.run(command).await?.accepted))
+        };
+        let remote = |channel| async move { AuthClient::new(channel).remove_password(forwarded(message)).await };
         self.peers
             .route(&self.credentials, user_id.as_uuid(), forwarded_already, local, remote)
             .await

@@ -108,6 +108,43 @@ impl Broker {
         self.record_count_in(topic, TOPIC_PARTITIONS)
     }
 
+    /// Whether any record of an event topic holds `needle` in its key, value or headers.
+    pub fn topic_contains(&self, topic: &str, needle: &[u8]) -> bool {
+        use rdkafka::{
+            Offset, TopicPartitionList,
+            message::{Headers, Message},
+        };
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", "keel-test-scan")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut remaining = 0;
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..TOPIC_PARTITIONS {
+            let (_, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)).unwrap();
+            remaining += high;
+            assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let contains = |haystack: &[u8]| haystack.windows(needle.len()).any(|window| window == needle);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while remaining > 0 {
+            assert!(Instant::now() < deadline, "could not read {topic} to its end");
+            let Some(message) = consumer.poll(Duration::from_millis(500)) else { continue };
+            let message = message.unwrap();
+            remaining -= 1;
+            let in_headers = message.headers().is_some_and(|headers| {
+                headers.iter().any(|header| contains(header.key.as_bytes()) || header.value.is_some_and(contains))
+            });
+            if message.key().is_some_and(contains) || message.payload().is_some_and(contains) || in_headers {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Sum of the high watermarks of a topic with `partitions` partitions.
     pub fn record_count_in(&self, topic: &str, partitions: i32) -> i64 {
         let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
