@@ -9,7 +9,7 @@ use axum::{
 };
 use keel_domain::{
     auth::Password,
-    identity::{Email, UserId},
+    identity::{DisplayName, Email, UserId},
 };
 use keel_proto::{
     auth::v1::{RemovePasswordRequest, SetPasswordRequest, auth_client::AuthClient},
@@ -79,7 +79,9 @@ pub(crate) async fn register(
     headers: HeaderMap,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> Result<Response, Problem> {
+    // Every field is checked before anything is stored: a refused registration leaves nothing.
     let email = Email::parse(&body.email).map_err(invalid)?;
+    DisplayName::parse(&body.display_name).map_err(invalid)?;
     Password::parse(&body.password, &email).map_err(invalid)?;
     let actor = caller.actor();
     let scope = CommandScope { method: "POST", route: "/v1/users", aggregate: "", actor: &actor };

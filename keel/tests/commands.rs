@@ -16,7 +16,7 @@ use std::{
 use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{Platform, Role, count, eventually};
+use support::{IDENTITY_ROLES, PASSWORD, Platform, Role, count, eventually};
 
 const USERS_TOPIC: &str = "identity.users";
 
@@ -38,14 +38,22 @@ async fn send(request: reqwest::RequestBuilder) -> Result<Answer, reqwest::Error
     Ok(Answer { status, body, etag, replayed })
 }
 
+/// A registration's body.
+fn registration(email: &str, display_name: &str) -> Value {
+    json!({"email": email, "display_name": display_name, "password": PASSWORD})
+}
+
+/// A display name change of user `id`, sent with `token` (the user's, or an admin's).
 fn patch(
     client: &reqwest::Client,
     gateway: &str,
+    token: &str,
     id: &str,
     if_match: Option<u64>,
     name: &str,
 ) -> reqwest::RequestBuilder {
-    let request = client.patch(format!("{gateway}/v1/users/{id}")).json(&json!({"display_name": name}));
+    let request =
+        client.patch(format!("{gateway}/v1/users/{id}")).bearer_auth(token).json(&json!({"display_name": name}));
     match if_match {
         Some(version) => request.header("if-match", format!("\"{version}\"")),
         None => request,
@@ -74,12 +82,13 @@ async fn forwarded(platform: &Platform) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn of_200_concurrent_patches_with_one_if_match_exactly_one_wins() {
-    let platform = Platform::start().await;
+    let platform = Platform::start_roles(IDENTITY_ROLES).await;
     let client = reqwest::Client::new();
     let gateway = platform.gateway_url.clone();
-    let id = platform.register(&client, "ada@example.com", "Ada").await;
+    let ada = platform.signup(&client, "ada@example.com", "Ada").await;
+    let (id, token) = (ada.id.clone(), ada.access_token.clone());
     let etag = eventually(Duration::from_secs(20), "the user in the read model", || async {
-        let response = client.get(format!("{gateway}/v1/users/{id}")).send().await.unwrap();
+        let response = client.get(format!("{gateway}/v1/users/{id}")).bearer_auth(&token).send().await.unwrap();
         (response.status() == StatusCode::OK).then(|| response.headers()["etag"].to_str().unwrap().to_owned())
     })
     .await;
@@ -87,7 +96,7 @@ async fn of_200_concurrent_patches_with_one_if_match_exactly_one_wins() {
 
     let answers = join_all((0..200).map(|attempt| {
         let name = format!("Ada #{attempt}");
-        let request = patch(&client, &gateway, &id, Some(1), &name);
+        let request = patch(&client, &gateway, &token, &id, Some(1), &name);
         async move { (name, send(request).await.unwrap()) }
     }))
     .await;
@@ -107,12 +116,21 @@ async fn of_200_concurrent_patches_with_one_if_match_exactly_one_wins() {
     // Every reader ends in the same state: the read model, the audit log, the command state.
     let pool = platform.database.pool().await;
     eventually(Duration::from_secs(20), "the winner in the read model", || async {
-        let user: Value = client.get(format!("{gateway}/v1/users/{id}")).send().await.unwrap().json().await.unwrap();
+        let user: Value = client
+            .get(format!("{gateway}/v1/users/{id}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         (user["version"] == 2).then_some(()).inspect(|()| assert_eq!(user["display_name"], winner.as_str()))
     })
     .await;
     let audited: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT event_type, aggregate_version FROM audit_log WHERE aggregate_id = $1::uuid ORDER BY aggregate_version",
+        "SELECT event_type, aggregate_version FROM audit_log WHERE aggregate_id = $1::uuid AND topic = 'identity.users'
+         ORDER BY aggregate_version",
     )
     .bind(&id)
     .fetch_all(&pool)
@@ -121,59 +139,69 @@ async fn of_200_concurrent_patches_with_one_if_match_exactly_one_wins() {
     assert_eq!(audited, [("UserRegistered".to_owned(), 1), ("UserDisplayNameChanged".to_owned(), 2)]);
     assert_eq!(platform.broker.record_count(USERS_TOPIC), 2, "refused commands append nothing");
     for _ in 0..2 {
-        let stale = send(patch(&client, &gateway, &id, Some(1), "Late")).await.unwrap();
+        let stale = send(patch(&client, &gateway, &token, &id, Some(1), "Late")).await.unwrap();
         assert_eq!(stale.status, StatusCode::CONFLICT);
         assert_eq!(stale.etag.as_deref(), Some("\"2\""));
     }
-    let next = send(patch(&client, &gateway, &id, Some(2), "Ada Lovelace")).await.unwrap();
+    let next = send(patch(&client, &gateway, &token, &id, Some(2), "Ada Lovelace")).await.unwrap();
     assert_eq!((next.status, next.body["version"].clone()), (StatusCode::OK, json!(3)));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_command_returns_its_first_result_and_appends_once() {
-    let platform = Platform::start().await;
+    let platform = Platform::start_roles(IDENTITY_ROLES).await;
     let client = reqwest::Client::new();
     let gateway = platform.gateway_url.clone();
-    let register =
-        || client.post(format!("{gateway}/v1/users")).json(&json!({"email": "bo@example.com", "display_name": "Bo"}));
+    let register = || client.post(format!("{gateway}/v1/users")).json(&registration("bo@example.com", "Bo"));
     let first = send(register().header("idempotency-key", "register-bo")).await.unwrap();
     let again = send(register().header("idempotency-key", "register-bo")).await.unwrap();
     assert_eq!((first.status, again.status), (StatusCode::CREATED, StatusCode::CREATED));
     assert_eq!(first.body, again.body, "the retry gets the first result");
     assert!(!first.replayed && again.replayed);
     let id = first.body["id"].as_str().unwrap().to_owned();
+    let registered = format!(
+        "{}/{}/{}",
+        first.body["position"]["topic"].as_str().unwrap(),
+        first.body["position"]["partition"],
+        first.body["position"]["offset"]
+    );
+    let token = platform.login(&client, "bo@example.com", Some(&registered)).await.access_token;
 
-    let rename = || patch(&client, &gateway, &id, None, "Bo B.").header("idempotency-key", "rename-bo");
+    let rename = || patch(&client, &gateway, &token, &id, None, "Bo B.").header("idempotency-key", "rename-bo");
     let first = send(rename()).await.unwrap();
     let again = send(rename()).await.unwrap();
     assert_eq!((first.status, again.status), (StatusCode::OK, StatusCode::OK));
     assert_eq!((first.body["version"].clone(), again.body["version"].clone()), (json!(2), json!(2)));
     assert!(again.replayed);
     // Renaming to the current name changes nothing and appends nothing.
-    let same = send(patch(&client, &gateway, &id, None, "Bo B.")).await.unwrap();
+    let same = send(patch(&client, &gateway, &token, &id, None, "Bo B.")).await.unwrap();
     assert_eq!(
         (same.status, same.body["version"].clone(), same.body["position"].clone()),
         (StatusCode::OK, json!(2), Value::Null)
     );
 
-    let missing = send(patch(&client, &gateway, &uuid::Uuid::now_v7().to_string(), None, "Nobody")).await.unwrap();
+    let admin = platform.admin(&client).await;
+    let nobody = uuid::Uuid::now_v7().to_string();
+    let missing = send(patch(&client, &gateway, &admin.access_token, &nobody, None, "Nobody")).await.unwrap();
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
-    let bad = send(patch(&client, &gateway, &id, None, "Bo").header("if-match", "three")).await.unwrap();
+    let bad = send(patch(&client, &gateway, &token, &id, None, "Bo").header("if-match", "three")).await.unwrap();
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
-    assert_eq!(platform.broker.record_count(USERS_TOPIC), 2);
+    assert_eq!(platform.broker.record_count(USERS_TOPIC), 3, "Bo's registration and rename, the admin's registration");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn when_an_instance_stops_its_partitions_move_and_callers_do_not_notice() {
-    let mut platform = Platform::start().await;
+    let mut platform = Platform::start_roles(IDENTITY_ROLES).await;
     let client = reqwest::Client::new();
     let gateway = platform.gateway_url.clone();
+    let admin = platform.admin(&client).await;
+    let token = admin.access_token.clone();
     let mut ids = Vec::new();
     for user in 0..16 {
         ids.push(platform.register(&client, &format!("m{user}@example.com"), "M").await);
     }
     let partitions: HashSet<i64> = join_all(ids.iter().map(|id| {
-        let request = patch(&client, &gateway, id, None, "Before");
+        let request = patch(&client, &gateway, &token, id, None, "Before");
         async move { send(request).await.unwrap().body["position"]["partition"].as_i64().unwrap() }
     }))
     .await
@@ -184,7 +212,7 @@ async fn when_an_instance_stops_its_partitions_move_and_callers_do_not_notice() 
     assert!(platform.terminate(Role::SecondIdentity, Duration::from_secs(15)).success());
     let started = Instant::now();
     // Plain requests, no client-side retries: the gateway and the survivor absorb the move.
-    for answer in join_all(ids.iter().map(|id| send(patch(&client, &gateway, id, Some(2), "After")))).await {
+    for answer in join_all(ids.iter().map(|id| send(patch(&client, &gateway, &token, id, Some(2), "After")))).await {
         let answer = answer.unwrap();
         assert_eq!((answer.status, answer.body["version"].clone()), (StatusCode::OK, json!(3)), "{}", answer.body);
     }
@@ -210,7 +238,7 @@ async fn killing_an_owner_during_5000_commands_loses_and_doubles_nothing() {
                     if n >= COMMANDS {
                         return;
                     }
-                    let body = json!({"email": format!("user{n}@example.com"), "display_name": format!("User {n}")});
+                    let body = registration(&format!("user{n}@example.com"), &format!("User {n}"));
                     let request = || client.post(format!("{gateway}/v1/users")).json(&body);
                     let answer = until_answered(request, &format!("kill-test-{n}")).await;
                     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
@@ -272,7 +300,7 @@ async fn a_zombie_writer_never_forks_the_state_and_loses_no_acknowledged_command
     platform.wait_ready(Role::Registry, Duration::from_secs(60)).await;
     platform.spawn(Role::Identity);
     platform.spawn_with(Role::SecondIdentity, &[("KEEL_IDENTITY__UNSAFE_IGNORE_OWNERSHIP", "true")]);
-    for role in [Role::Identity, Role::SecondIdentity, Role::Projector, Role::Gateway] {
+    for role in [Role::Identity, Role::SecondIdentity, Role::Auth, Role::Authz, Role::Projector, Role::Gateway] {
         if !matches!(role, Role::Identity | Role::SecondIdentity) {
             platform.spawn(role);
         }
@@ -280,10 +308,12 @@ async fn a_zombie_writer_never_forks_the_state_and_loses_no_acknowledged_command
     }
     let client = reqwest::Client::new();
     let gateway = platform.gateway_url.clone();
+    let admin = platform.admin(&client).await;
+    let token = admin.access_token.clone();
     let mut ids = Vec::new();
     for user in 0..USERS {
         let request = || {
-            let body = json!({"email": format!("z{user}@example.com"), "display_name": format!("Z {user}")});
+            let body = registration(&format!("z{user}@example.com"), &format!("Z {user}"));
             client.post(format!("{gateway}/v1/users")).json(&body)
         };
         let answer = until_answered(request, &format!("zombie-register-{user}")).await;
@@ -293,14 +323,14 @@ async fn a_zombie_writer_never_forks_the_state_and_loses_no_acknowledged_command
 
     // Unconditional renames from many clients, through both writers of every partition.
     let acknowledged: Vec<Vec<(String, u64, String, Value)>> = join_all((0..CLIENTS).map(|client_index| {
-        let (client, gateway, ids) = (client.clone(), gateway.clone(), ids.clone());
+        let (client, gateway, ids, token) = (client.clone(), gateway.clone(), ids.clone(), token.clone());
         async move {
             let mut acknowledged = Vec::new();
             for command in 0..PER_CLIENT {
                 let id = &ids[(client_index + command) % ids.len()];
                 let name = format!("name {client_index}-{command}");
                 let answer = until_answered(
-                    || patch(&client, &gateway, id, None, &name),
+                    || patch(&client, &gateway, &token, id, None, &name),
                     &format!("zombie-{client_index}-{command}"),
                 )
                 .await;
@@ -327,8 +357,15 @@ async fn a_zombie_writer_never_forks_the_state_and_loses_no_acknowledged_command
         assert_eq!(versions, (2..commands.len() as u64 + 2).collect::<Vec<_>>(), "versions of {id}");
         let (last_version, last_name) = commands.last().unwrap().clone();
         let user: Value = eventually(Duration::from_secs(60), "the read model at the last version", || async {
-            let user: Value =
-                client.get(format!("{gateway}/v1/users/{id}")).send().await.unwrap().json().await.unwrap();
+            let user: Value = client
+                .get(format!("{gateway}/v1/users/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             (user["version"] == last_version).then_some(user)
         })
         .await;
@@ -356,11 +393,11 @@ async fn a_zombie_writer_never_forks_the_state_and_loses_no_acknowledged_command
         .unwrap();
         assert_eq!(found, Some(*version as i64), "the commit at {position} is valid for readers");
     }
-    // One email registered at once through both writers of its partition: one user.
+    // One email registered at once, through both writers: one user (the reservation decides).
     let registrations = join_all((0..20).map(|attempt| {
         let (client, gateway) = (client.clone(), gateway.clone());
         async move {
-            let body = json!({"email": "twice@example.com", "display_name": format!("Twice {attempt}")});
+            let body = registration("twice@example.com", &format!("Twice {attempt}"));
             until_answered(|| client.post(format!("{gateway}/v1/users")).json(&body), &format!("twice-{attempt}"))
                 .await
                 .status
@@ -413,16 +450,19 @@ async fn an_owner_restarts_from_snapshots_and_replays_only_the_tail() {
     const SNAPSHOT_EVERY: u64 = 1000;
     const PARTITIONS: u64 = 8;
     let mut platform = Platform::prepare().await;
-    for role in [Role::Registry, Role::Identity, Role::Gateway] {
+    for role in [Role::Registry, Role::Identity, Role::Auth, Role::Authz, Role::Projector, Role::Gateway] {
         platform.spawn(role);
         platform.wait_ready(role, Duration::from_secs(60)).await;
     }
     let client = reqwest::Client::new();
     let gateway = platform.gateway_url.clone();
+    // The admin renames everyone (one token for 100,000 commands).
+    let admin = platform.admin(&client).await;
+    let token = admin.access_token.clone();
     let ids: Vec<String> = join_all((0..USERS).map(|user| {
         let (client, gateway) = (client.clone(), gateway.clone());
         async move {
-            let body = json!({"email": format!("s{user}@example.com"), "display_name": "S"});
+            let body = registration(&format!("s{user}@example.com"), "S");
             let answer =
                 until_answered(|| client.post(format!("{gateway}/v1/users")).json(&body), &format!("s-{user}")).await;
             assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
@@ -431,12 +471,14 @@ async fn an_owner_restarts_from_snapshots_and_replays_only_the_tail() {
     }))
     .await;
     let mut restarts = Vec::new();
-    let mut written = USERS;
+    // The admin's registration is one of the records.
+    let mut written = USERS + 1;
     for target in [EVENTS / 10, EVENTS] {
         let renames = target - written;
         let next = Arc::new(AtomicUsize::new(0));
         join_all((0..64).map(|_| {
-            let (client, gateway, next, ids) = (client.clone(), gateway.clone(), next.clone(), ids.clone());
+            let (client, gateway, next, ids, token) =
+                (client.clone(), gateway.clone(), next.clone(), ids.clone(), token.clone());
             async move {
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);
@@ -444,8 +486,11 @@ async fn an_owner_restarts_from_snapshots_and_replays_only_the_tail() {
                         return;
                     }
                     let (id, name) = (&ids[n % ids.len()], format!("S {written}-{n}"));
-                    let answer =
-                        until_answered(|| patch(&client, &gateway, id, None, &name), &format!("r-{written}-{n}")).await;
+                    let answer = until_answered(
+                        || patch(&client, &gateway, &token, id, None, &name),
+                        &format!("r-{written}-{n}"),
+                    )
+                    .await;
                     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
                 }
             }
@@ -465,7 +510,7 @@ async fn an_owner_restarts_from_snapshots_and_replays_only_the_tail() {
         restarts.push((written, elapsed, loading, replayed));
     }
     // The restarted owner serves: a command goes through and sees the whole history.
-    let answer = send(patch(&client, &gateway, &ids[0], None, "After restart")).await.unwrap();
+    let answer = send(patch(&client, &gateway, &token, &ids[0], None, "After restart")).await.unwrap();
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
     assert_eq!(answer.body["version"].as_u64().unwrap(), (EVENTS / USERS) as u64 + 1);
     println!("restart times by history: {restarts:?}");

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::{collections::HashSet, time::Duration};
+use std::time::Duration;
 
 use futures::future::join_all;
 use reqwest::StatusCode;

@@ -50,7 +50,7 @@ async fn replay_prints_every_commit_decoded_and_redacted() {
         let email = format!("user{index}@example.com");
         let response = client
             .post(format!("{}/v1/users", platform.gateway_url))
-            .json(&json!({"email": email, "display_name": format!("User {index}")}))
+            .json(&json!({"email": email, "display_name": format!("User {index}"), "password": support::PASSWORD}))
             .send()
             .await
             .unwrap();
@@ -150,7 +150,7 @@ async fn replay_prints_every_commit_decoded_and_redacted() {
     // would have to print it anyway, since it starts at `now`.
     let response = client
         .post(format!("{}/v1/users", platform.gateway_url))
-        .json(&json!({"email": "late@example.com", "display_name": "Late"}))
+        .json(&json!({"email": "late@example.com", "display_name": "Late", "password": support::PASSWORD}))
         .send()
         .await
         .unwrap();

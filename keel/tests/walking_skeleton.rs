@@ -8,9 +8,10 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::Row;
-use support::{Platform, Role, eventually};
+use support::{ALL_ROLES, PASSWORD, Platform, eventually};
 
 const USERS_TOPIC: &str = "identity.users";
+const CREDENTIALS_TOPIC: &str = "auth.credentials";
 
 async fn post_user(client: &reqwest::Client, gateway: &str, body: Value) -> reqwest::Response {
     client.post(format!("{gateway}/v1/users")).json(&body).send().await.unwrap()
@@ -26,13 +27,23 @@ async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
     body
 }
 
+/// The consistency token of a command reply's `position`.
+fn position_token(position: &serde_json::Map<String, Value>) -> String {
+    format!("{}/{}/{}", position["topic"].as_str().unwrap(), position["partition"], position["offset"])
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_registered_user_can_be_read_back_and_is_audited() {
     let mut platform = Platform::start().await;
     let client = reqwest::Client::new();
     let gateway = platform.gateway_url.clone();
 
-    let response = post_user(&client, &gateway, json!({"email": " Ada@Example.com ", "display_name": "Ada"})).await;
+    let response = post_user(
+        &client,
+        &gateway,
+        json!({"email": " Ada@Example.com ", "display_name": "Ada", "password": PASSWORD}),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::CREATED);
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     let created: Value = response.json().await.unwrap();
@@ -42,21 +53,36 @@ async fn a_registered_user_can_be_read_back_and_is_audited() {
     assert!(created["position"]["partition"].as_i64().unwrap() < 8);
     assert!(created["position"]["offset"].as_i64().unwrap() >= 0);
 
-    let user: Value = eventually(Duration::from_secs(20), "the user in the read model", || async {
-        let response = client.get(format!("{gateway}/v1/users/{id}")).send().await.unwrap();
-        match response.status() {
-            StatusCode::OK => Some(response.json().await.unwrap()),
-            StatusCode::NOT_FOUND => None,
-            other => panic!("unexpected status {other}"),
+    // Read back by Ada herself, signed in (the login waits for the read model to have her).
+    let ada = eventually(Duration::from_secs(30), "Ada's login", || async {
+        let response = client
+            .post(format!("{gateway}/v1/auth/login"))
+            .header("keel-consistency", created["position"].as_object().map(position_token).unwrap())
+            .json(&json!({"email": "ada@example.com", "password": PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        if response.status() != StatusCode::OK {
+            return None;
         }
+        let tokens: Value = response.json().await.unwrap();
+        Some(tokens["access_token"].as_str().unwrap().to_owned())
     })
     .await;
-    assert_eq!(user, json!({"id": id, "email": "ada@example.com", "display_name": "Ada", "version": 1}));
+    let user: Value =
+        client.get(format!("{gateway}/v1/users/{id}")).bearer_auth(&ada).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        user,
+        json!({"id": id, "email": "ada@example.com", "display_name": "Ada", "bio": "", "status": "active", "version": 1})
+    );
+    let anonymous = client.get(format!("{gateway}/v1/users/{id}")).send().await.unwrap();
+    problem(anonymous, StatusCode::UNAUTHORIZED).await;
 
     let pool = platform.database.pool().await;
     let audit = eventually(Duration::from_secs(20), "the audit entry", || async {
         sqlx::query(
-            "SELECT event_type, actor, aggregate_version, payload, topic FROM audit_log WHERE aggregate_id = $1::uuid",
+            "SELECT event_type, actor, aggregate_version, payload, topic FROM audit_log
+             WHERE aggregate_id = $1::uuid AND topic = 'identity.users'",
         )
         .bind(&id)
         .fetch_optional(&pool)
@@ -75,13 +101,25 @@ async fn a_registered_user_can_be_read_back_and_is_audited() {
     );
 
     // The same mailbox, spelled differently, is taken.
-    let duplicate = post_user(&client, &gateway, json!({"email": "ADA@example.COM", "display_name": "Other"})).await;
+    let duplicate = post_user(
+        &client,
+        &gateway,
+        json!({"email": "ADA@example.COM", "display_name": "Other", "password": PASSWORD}),
+    )
+    .await;
     let body = problem(duplicate, StatusCode::CONFLICT).await;
     assert_eq!(body["type"], "urn:keel:problem:conflict");
 
-    let missing = client.get(format!("{gateway}/v1/users/{}", uuid::Uuid::new_v4())).send().await.unwrap();
+    let admin = platform.admin(&client).await;
+    let missing = client
+        .get(format!("{gateway}/v1/users/{}", uuid::Uuid::new_v4()))
+        .bearer_auth(&admin.access_token)
+        .send()
+        .await
+        .unwrap();
     problem(missing, StatusCode::NOT_FOUND).await;
-    let malformed_id = client.get(format!("{gateway}/v1/users/not-a-uuid")).send().await.unwrap();
+    let malformed_id =
+        client.get(format!("{gateway}/v1/users/not-a-uuid")).bearer_auth(&admin.access_token).send().await.unwrap();
     problem(malformed_id, StatusCode::BAD_REQUEST).await;
 
     let verify = platform.keel(&["audit", "verify"]).output().unwrap();
@@ -89,9 +127,13 @@ async fn a_registered_user_can_be_read_back_and_is_audited() {
 
     let metrics = client.get(format!("{gateway}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("keel_http_requests_total"), "{metrics}");
-    assert_eq!(platform.broker.record_count(USERS_TOPIC), 1, "only the accepted registration was appended");
+    assert_eq!(
+        platform.broker.record_count(USERS_TOPIC),
+        2,
+        "only the accepted registrations (Ada, the admin) were appended"
+    );
 
-    for role in [Role::Gateway, Role::Projector, Role::Identity, Role::Registry] {
+    for role in ALL_ROLES.iter().rev().copied() {
         let status = platform.terminate(role, Duration::from_secs(15));
         assert!(status.success(), "{role:?} exited with {status} on SIGTERM");
     }
@@ -122,16 +164,36 @@ async fn bad_input_gets_problem_json_and_appends_nothing() {
     .await;
     problem(unknown_field, StatusCode::UNPROCESSABLE_ENTITY).await;
 
-    let invalid_email =
-        post_user(&client, &platform.gateway_url, json!({"email": "not-an-email", "display_name": "A"})).await;
+    let invalid_email = post_user(
+        &client,
+        &platform.gateway_url,
+        json!({"email": "not-an-email", "display_name": "A", "password": PASSWORD}),
+    )
+    .await;
     let body = problem(invalid_email, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert!(body["detail"].as_str().unwrap().starts_with("email:"), "{body}");
 
-    let blank_name =
-        post_user(&client, &platform.gateway_url, json!({"email": "b@example.com", "display_name": "   "})).await;
+    let blank_name = post_user(
+        &client,
+        &platform.gateway_url,
+        json!({"email": "b@example.com", "display_name": "   ", "password": PASSWORD}),
+    )
+    .await;
     problem(blank_name, StatusCode::UNPROCESSABLE_ENTITY).await;
 
-    let huge = json!({"email": "c@example.com", "display_name": "x".repeat(2 * 1024 * 1024)});
+    for (password, reason) in [("short", "at least 10"), ("1234567890", "too common"), ("b@example.com!!", "email")] {
+        let weak = post_user(
+            &client,
+            &platform.gateway_url,
+            json!({"email": "b@example.com", "display_name": "B", "password": password}),
+        )
+        .await;
+        let body = problem(weak, StatusCode::UNPROCESSABLE_ENTITY).await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.starts_with("password:") && detail.contains(reason), "{detail}");
+    }
+
+    let huge = json!({"email": "c@example.com", "display_name": "x".repeat(2 * 1024 * 1024), "password": PASSWORD});
     let too_large = client.post(&url).json(&huge).send().await.unwrap();
     assert_eq!(too_large.headers()["connection"], "close", "the unread body spoils the connection");
     problem(too_large, StatusCode::PAYLOAD_TOO_LARGE).await;
@@ -145,4 +207,5 @@ async fn bad_input_gets_problem_json_and_appends_nothing() {
     problem(wrong_method, StatusCode::METHOD_NOT_ALLOWED).await;
 
     assert_eq!(platform.broker.record_count(USERS_TOPIC), 0, "rejected commands append nothing");
+    assert_eq!(platform.broker.record_count(CREDENTIALS_TOPIC), 0, "not even a password");
 }

@@ -130,7 +130,7 @@ pub fn seal_commit(topic: Topic, aggregate_id: Uuid, value: &mut Value, key: &Da
         for (name, field_value) in values.iter_mut() {
             let sensitive = schema.fields.iter().any(|field| field.name == *name && is_sensitive(field));
             if let (true, Value::String(text)) = (sensitive, &mut *field_value) {
-                let sealed = key.seal(&aad(aggregate_id, &schema.name.to_string(), name), text.as_bytes());
+                let sealed = key.seal(&aad(aggregate_id, schema.name.as_ref(), name), text.as_bytes());
                 *text = URL_SAFE_NO_PAD.encode(sealed);
             }
         }

@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// The `personal_data` section of the configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PersonalDataConfig {
     /// 32 random bytes, base64: wraps every data key. Losing it loses every sealed field; it must
@@ -29,12 +29,6 @@ pub struct PersonalDataConfig {
 
 /// For development only.
 const DEVELOPMENT_MASTER_KEY: &str = "a2VlbC1kZXZlbG9wbWVudC1tYXN0ZXIta2V5LTAwMDE=";
-
-impl Default for PersonalDataConfig {
-    fn default() -> Self {
-        Self { master_key: None }
-    }
-}
 
 impl PersonalDataConfig {
     pub fn validate(&self) -> Result<(), keel_runtime::ConfigError> {

@@ -98,12 +98,7 @@ impl BlogGrpc {
     async fn post_command(
         &self,
         request: Request<PostCommandRequest>,
-        name: &'static str,
-        make: fn(Actor) -> PostCommand,
-        again: fn(
-            BlogClient<tonic::transport::Channel>,
-            Request<PostCommandRequest>,
-        ) -> futures::future::BoxFuture<'static, Result<Response<CommandReply>, Status>>,
+        which: Lifecycle,
     ) -> Result<Response<CommandReply>, Status> {
         let forwarded_already = is_forwarded(&request);
         let message = request.into_inner();
@@ -111,10 +106,30 @@ impl BlogGrpc {
         let by = Actor { user_id: author(&meta)?, any: message.any };
         let id = PostId::from_uuid(uuid("post_id", &message.post_id)?);
         let version = expected_version(message.expected_version)?;
-        let local = || self.run_post(id, version, meta, name, make(by));
-        let remote = |channel| again(BlogClient::new(channel), forwarded(message));
+        let (name, command) = match which {
+            Lifecycle::Publish => ("PublishPost", PostCommand::Publish { by }),
+            Lifecycle::Unpublish => ("UnpublishPost", PostCommand::Unpublish { by }),
+            Lifecycle::Delete => ("DeletePost", PostCommand::Delete { by }),
+        };
+        let local = || self.run_post(id, version, meta, name, command);
+        let remote = |channel| async move {
+            let (mut client, request) = (BlogClient::new(channel), forwarded(message));
+            match which {
+                Lifecycle::Publish => client.publish_post(request).await,
+                Lifecycle::Unpublish => client.unpublish_post(request).await,
+                Lifecycle::Delete => client.delete_post(request).await,
+            }
+        };
         self.peers.route(&self.posts, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
+}
+
+/// The commands that move a post through its life without changing its content.
+#[derive(Debug, Clone, Copy)]
+enum Lifecycle {
+    Publish,
+    Unpublish,
+    Delete,
 }
 
 fn state_of(outcome: &Outcome<Post>) -> PostState {
@@ -187,33 +202,15 @@ impl Blog for BlogGrpc {
     }
 
     async fn publish_post(&self, request: Request<PostCommandRequest>) -> Result<Response<CommandReply>, Status> {
-        self.post_command(
-            request,
-            "PublishPost",
-            |by| PostCommand::Publish { by },
-            |mut client, request| Box::pin(async move { client.publish_post(request).await }),
-        )
-        .await
+        self.post_command(request, Lifecycle::Publish).await
     }
 
     async fn unpublish_post(&self, request: Request<PostCommandRequest>) -> Result<Response<CommandReply>, Status> {
-        self.post_command(
-            request,
-            "UnpublishPost",
-            |by| PostCommand::Unpublish { by },
-            |mut client, request| Box::pin(async move { client.unpublish_post(request).await }),
-        )
-        .await
+        self.post_command(request, Lifecycle::Unpublish).await
     }
 
     async fn delete_post(&self, request: Request<PostCommandRequest>) -> Result<Response<CommandReply>, Status> {
-        self.post_command(
-            request,
-            "DeletePost",
-            |by| PostCommand::Delete { by },
-            |mut client, request| Box::pin(async move { client.delete_post(request).await }),
-        )
-        .await
+        self.post_command(request, Lifecycle::Delete).await
     }
 
     #[tracing::instrument(skip_all, fields(command_id))]

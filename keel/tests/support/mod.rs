@@ -618,6 +618,11 @@ pub async fn users_checksum(pool: &PgPool, table: &str) -> (i64, String) {
     sqlx::query_as(sqlx::AssertSqlSafe(statement)).fetch_one(pool).await.unwrap()
 }
 
+/// The audit entries of users' events (registrations also audit their password, on its own topic).
+pub async fn audited_user_events(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE topic = 'identity.users'").fetch_one(pool).await.unwrap()
+}
+
 pub async fn count(pool: &PgPool, table: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(pool).await.unwrap()
 }
