@@ -129,12 +129,6 @@ fn canonical_json(value: &Value) -> String {
     }
 }
 
-/// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
-fn trace_id(traceparent: Option<&str>) -> Option<String> {
-    let trace_id = traceparent?.split('-').nth(1)?;
-    (trace_id.len() == 32 && trace_id.chars().all(|c| c.is_ascii_hexdigit())).then(|| trace_id.to_owned())
-}
-
 #[async_trait::async_trait]
 impl Projection for AuditProjection {
     fn name(&self) -> &'static str {
@@ -206,7 +200,7 @@ impl Projection for AuditProjection {
                     actor: header.actor.clone(),
                     occurred_at: header.occurred_at,
                     correlation_id: header.correlation_id,
-                    trace_id: trace_id(header.traceparent.as_deref()),
+                    trace_id: header.trace_id(),
                     payload: avro_json::redacted(event),
                 };
                 let hash = entry.hash(&prev_hash);
@@ -366,15 +360,5 @@ mod tests {
     fn canonical_json_sorts_keys_at_every_level() {
         let a = json!({"b": 1, "a": {"d": [1, {"z": 1, "y": 2}], "c": "x"}});
         assert_eq!(canonical_json(&a), r#"{"a":{"c":"x","d":[1,{"y":2,"z":1}]},"b":1}"#);
-    }
-
-    #[test]
-    fn trace_ids_come_from_valid_traceparents_only() {
-        assert_eq!(
-            trace_id(Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")).as_deref(),
-            Some("0af7651916cd43dd8448eb211c80319c")
-        );
-        assert_eq!(trace_id(Some("garbage")), None);
-        assert_eq!(trace_id(None), None);
     }
 }

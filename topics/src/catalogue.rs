@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// A topic Keel owns. One topic per aggregate type, keyed by aggregate id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Topic {
     IdentityUsers,
     AuthCredentials,

@@ -66,6 +66,13 @@ impl CommitHeader {
         self.expected_version + self.events.len() as u64
     }
 
+    /// The trace id of the commit's W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), if it
+    /// has a valid one.
+    pub fn trace_id(&self) -> Option<String> {
+        let trace_id = self.traceparent.as_deref()?.split('-').nth(1)?;
+        (trace_id.len() == 32 && trace_id.chars().all(|c| c.is_ascii_hexdigit())).then(|| trace_id.to_owned())
+    }
+
     pub fn to_headers(&self) -> OwnedHeaders {
         let occurred_at = self.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true);
         let mut headers = OwnedHeaders::new_with_capacity(8 + 4 * self.events.len())
@@ -208,6 +215,8 @@ mod tests {
         assert!(decoded.sealed);
         assert_eq!(decoded.version_after(), 6);
         assert_eq!(decoded.occurred_at.timestamp_micros(), original.occurred_at.timestamp_micros());
+        assert_eq!(decoded.trace_id().as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
+        assert_eq!(CommitHeader { traceparent: Some("garbage".into()), ..decoded }.trace_id(), None);
     }
 
     #[test]
