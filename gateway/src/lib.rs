@@ -3,6 +3,8 @@
 //! `application/problem+json`.
 
 #![forbid(unsafe_code)]
+// The OpenAPI document is one large `json!`.
+#![recursion_limit = "256"]
 
 mod audit;
 mod auth;
@@ -10,6 +12,7 @@ mod cache;
 pub mod clients;
 mod commands;
 mod consistency;
+mod console;
 mod idempotency;
 mod invalidation;
 mod observe;
@@ -21,6 +24,8 @@ pub mod problem;
 mod roles;
 pub mod routes;
 pub mod security;
+mod status;
+pub mod streams;
 mod users;
 
 use std::{
@@ -33,9 +38,10 @@ use std::{
 
 use anyhow::Context;
 use axum::{Router, extract::DefaultBodyLimit};
+use keel_projections::Projection;
 use keel_proto::token::Expectations;
-use keel_runtime::{Health, Lifecycle, ReadinessCheck, config::ensure, postgres::DatabaseCheck};
-use keel_topics::TopicNames;
+use keel_runtime::{Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure, postgres::DatabaseCheck};
+use keel_topics::{SchemaRegistryCodec, TopicNames};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -47,6 +53,7 @@ use crate::{
     clients::ServiceClient,
     problem::Problem,
     security::{Permissions, RateLimiter, Rule, Rules, Security, StatusCache, TokenVerifier},
+    streams::{Streams, StreamsConfig, hub::HubContext},
 };
 
 /// How the gateway checks access tokens.
@@ -150,6 +157,7 @@ pub struct GatewayConfig {
     pub permission_cache_ms: u64,
     pub rate_limit: RateLimitConfig,
     pub query_cache: QueryCacheConfig,
+    pub streams: StreamsConfig,
 }
 
 impl Default for GatewayConfig {
@@ -168,6 +176,7 @@ impl Default for GatewayConfig {
             permission_cache_ms: 5_000,
             rate_limit: RateLimitConfig::default(),
             query_cache: QueryCacheConfig::default(),
+            streams: StreamsConfig::default(),
         }
     }
 }
@@ -190,6 +199,7 @@ impl GatewayConfig {
             }
         }
         ensure(self.auth.leeway_secs >= 0, "gateway.auth.leeway_secs", "must not be negative")?;
+        self.streams.validate()?;
         ensure(self.auth.jwks_refresh_secs > 0, "gateway.auth.jwks_refresh_secs", "must be positive")?;
         let limits = &self.rate_limit;
         for (key, rule) in [
@@ -239,6 +249,9 @@ pub struct AppState {
     /// Public answers of the blog routes.
     pub posts_cache: Arc<QueryCache>,
     pub consistency_timeout: Duration,
+    pub streams: Arc<Streams>,
+    /// The projections whose status `GET /v1/projections` reports.
+    pub projections: Arc<[Arc<dyn Projection>]>,
 }
 
 impl AppState {
@@ -361,13 +374,22 @@ pub fn router(state: AppState, health: Health, max_body_bytes: usize) -> Router 
 
 /// Starts the gateway on `listener`: the security pipeline (rate limits, keys, status and
 /// permission caches), the cache invalidation listener, and the routes.
+/// What the gateway reads besides its database: the broker (live streams) and the catalogue of
+/// projections (their status).
+pub struct Sources {
+    pub kafka: KafkaConfig,
+    pub registry_url: String,
+    pub projections: Vec<Arc<dyn Projection>>,
+}
+
 pub async fn start(
     config: &GatewayConfig,
-    names: TopicNames,
+    sources: Sources,
     pool: PgPool,
     lifecycle: &mut Lifecycle,
     listener: TcpListener,
 ) -> anyhow::Result<()> {
+    let names = TopicNames::new(sources.kafka.topic_prefix.clone());
     let budget = Duration::from_millis(config.command_timeout_ms);
     let client = |service, urls: &[String]| ServiceClient::new(service, urls, budget);
     let identity = client("identity", &config.identity_endpoints)?;
@@ -416,6 +438,14 @@ pub async fn start(
         .spawn("gateway token keys", tokens.run(Duration::from_secs(config.auth.jwks_refresh_secs), lifecycle.token()));
     let caches = invalidation::Caches { security: security.clone(), posts: posts_cache.clone() };
     lifecycle.spawn("gateway cache invalidation", invalidation::run(pool.clone(), caches, lifecycle.token()));
+    let hubs = HubContext {
+        codec: SchemaRegistryCodec::new(&sources.registry_url, names.clone())?,
+        kafka: sources.kafka,
+        names: names.clone(),
+        pool: pool.clone(),
+        shutdown: lifecycle.token(),
+    };
+    let streams = Arc::new(Streams::new(hubs, config.streams.clone())?);
     let state = AppState {
         pool,
         names,
@@ -425,6 +455,8 @@ pub async fn start(
         security,
         posts_cache,
         consistency_timeout: Duration::from_millis(config.consistency_timeout_ms),
+        streams,
+        projections: sources.projections.into(),
     };
     lifecycle.serve_http("gateway-http", listener, router(state, health, config.max_body_bytes));
     Ok(())

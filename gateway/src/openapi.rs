@@ -25,12 +25,15 @@ pub fn build() -> Value {
         operation.insert("tags".into(), json!([route.tag]));
         operation.insert("summary".into(), json!(route.summary));
         operation.insert("operationId".into(), json!(format!("{} {}", route.method, route.path)));
-        let parameters: Vec<Value> = route
+        let mut parameters: Vec<Value> = route
             .path
             .split('/')
             .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
+        if route.tag == "streams" {
+            parameters.extend(stream_parameters());
+        }
         if !parameters.is_empty() {
             operation.insert("parameters".into(), json!(parameters));
         }
@@ -51,7 +54,7 @@ pub fn build() -> Value {
         let mut responses = Map::new();
         let success = match schema {
             Some(schema) => {
-                json!({"description": "Success", "content": {"application/json": {"schema": reference(schema)}}})
+                json!({"description": "Success", "content": {media_type(schema): {"schema": reference(schema)}}})
             }
             None => json!({"description": "Success"}),
         };
@@ -81,6 +84,22 @@ pub fn build() -> Value {
             "schemas": schemas(),
         },
     })
+}
+
+/// The media type of a response schema: JSON, but for event streams.
+fn media_type(schema: &str) -> &'static str {
+    if schema == "EventStream" { "text/event-stream" } else { "application/json" }
+}
+
+fn stream_parameters() -> Vec<Value> {
+    vec![
+        json!({"name": "from", "in": "query", "schema": {"type": "string"},
+            "description": "`latest` (default), `earliest`, an RFC 3339 time, or a cursor (an event's `id`)."}),
+        json!({"name": "type", "in": "query", "schema": {"type": "string"},
+            "description": "Only these event types, comma-separated (`PostPublished,PostDrafted`)."}),
+        json!({"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+            "description": "Resume exactly after this event (what browsers send when they reconnect); wins over `from`."}),
+    ]
 }
 
 fn reference(schema: &str) -> Value {
@@ -156,6 +175,21 @@ fn schemas() -> Value {
             "id": uuid, "post_id": uuid, "author": author, "body": string, "created_at": time,
         })),
         "CommentPage": page("CommentItem"),
+        "EventStream": {"type": "string", "description": "Server-Sent Events. Each event's `data` is a \
+            StreamEvent as JSON and its `id` the cursor to resume after it; a final `lagged` (the client fell \
+            behind) or `end` (shutdown, token expiry, session ended) event carries `{reason, resume}`. \
+            Heartbeats are comments.", "x-keel-event": reference("StreamEvent")},
+        "StreamEvent": object(&["topic", "partition", "offset", "event_index", "event_id", "event_type", "schema_version",
+            "aggregate_id", "aggregate_version", "command_id", "actor", "occurred_at", "correlation_id", "trace_id", "payload"], json!({
+            "topic": string, "partition": {"type": "integer"}, "offset": {"type": "integer"}, "event_index": {"type": "integer"},
+            "event_id": uuid, "event_type": string, "schema_version": {"type": "integer"}, "aggregate_id": uuid,
+            "aggregate_version": {"type": "integer"}, "command_id": uuid, "actor": string, "occurred_at": time,
+            "correlation_id": uuid, "trace_id": {"type": ["string", "null"]},
+            "payload": {"type": "object", "description": "The event's fields; sensitive ones are \"[redacted]\"."},
+        })),
+        "ProjectionStatusList": {"type": "object", "required": ["items"], "properties": {"items": {"type": "array", "items": {
+            "type": "object", "required": ["name", "code_version", "live_version", "needs_rebuild", "unresolved_dead_letters", "versions"],
+        }}}},
         "AuditPage": {"type": "object", "required": ["items", "next_cursor"], "properties": {
             "items": {"type": "array", "items": {"type": "object"}}, "next_cursor": {"type": ["string", "null"]},
         }},

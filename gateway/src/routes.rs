@@ -7,7 +7,7 @@ use axum::{
     routing::{MethodRouter, delete, get, patch, post, put},
 };
 
-use crate::{AppState, audit, auth, openapi, posts, roles, users};
+use crate::{AppState, audit, auth, console, openapi, posts, roles, status, streams, users};
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,9 @@ pub enum Access {
 pub enum Owner {
     /// The user of the path's `{id}`: authz answers for that owner.
     PathUser,
+    /// No user (roles, the audit log, the projections): only a grant on any resource (`:any`,
+    /// `*`) allows it.
+    Nobody,
     /// Known to the service only (a post's author): authz says whether the caller may act on
     /// any or only on their own, and the service enforces "own" with the change.
     Service,
@@ -113,7 +116,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::GET,
         path: "/v1/users/{id}/roles",
-        access: permission("roles:manage", Owner::Service),
+        access: permission("roles:manage", Owner::Nobody),
         tag: "roles",
         summary: "The roles granted to a user",
         request: None,
@@ -123,7 +126,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::POST,
         path: "/v1/users/{id}/roles",
-        access: permission("roles:manage", Owner::Service),
+        access: permission("roles:manage", Owner::Nobody),
         tag: "roles",
         summary: "Grant a role to a user",
         request: Some("RoleGrant"),
@@ -133,7 +136,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::DELETE,
         path: "/v1/users/{id}/roles/{role}",
-        access: permission("roles:manage", Owner::Service),
+        access: permission("roles:manage", Owner::Nobody),
         tag: "roles",
         summary: "Revoke a role from a user",
         request: None,
@@ -183,7 +186,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::POST,
         path: "/v1/roles",
-        access: permission("roles:manage", Owner::Service),
+        access: permission("roles:manage", Owner::Nobody),
         tag: "roles",
         summary: "Create a role",
         request: Some("Role"),
@@ -193,7 +196,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::GET,
         path: "/v1/roles",
-        access: permission("roles:manage", Owner::Service),
+        access: permission("roles:manage", Owner::Nobody),
         tag: "roles",
         summary: "Every role",
         request: None,
@@ -203,7 +206,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::PUT,
         path: "/v1/roles/{name}",
-        access: permission("roles:manage", Owner::Service),
+        access: permission("roles:manage", Owner::Nobody),
         tag: "roles",
         summary: "Replace a role's permissions; honours If-Match",
         request: Some("RolePermissions"),
@@ -323,12 +326,62 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::GET,
         path: "/v1/audit",
-        access: permission("audit:read", Owner::Service),
+        access: permission("audit:read", Owner::Nobody),
         tag: "audit",
         summary: "The audit log, filtered by actor, aggregate, event type and time",
         request: None,
         response: (200, Some("AuditPage")),
         handler: || get(audit::list),
+    },
+    RouteSpec {
+        method: Method::GET,
+        path: "/v1/streams/{stream}",
+        access: Access::Authenticated,
+        tag: "streams",
+        summary: "Live events of a stream (users, sessions, roles, grants, posts, comments; audit: every topic) as Server-Sent Events",
+        request: None,
+        response: (200, Some("EventStream")),
+        handler: || get(streams::topic),
+    },
+    RouteSpec {
+        method: Method::GET,
+        path: "/v1/streams/{stream}/{id}",
+        access: Access::Authenticated,
+        tag: "streams",
+        summary: "Live events of one aggregate (yours, or any with streams:read:any) as Server-Sent Events",
+        request: None,
+        response: (200, Some("EventStream")),
+        handler: || get(streams::aggregate),
+    },
+    RouteSpec {
+        method: Method::GET,
+        path: "/v1/projections",
+        access: permission("projections:read", Owner::Nobody),
+        tag: "operations",
+        summary: "Every projection's versions, state, checkpoints and lag behind the broker",
+        request: None,
+        response: (200, Some("ProjectionStatusList")),
+        handler: || get(status::projections),
+    },
+    RouteSpec {
+        method: Method::GET,
+        path: "/console",
+        access: Access::Public,
+        tag: "operations",
+        summary: "The console: a live stream with filters, and the projections' status and lag",
+        request: None,
+        response: (200, None),
+        handler: || get(console::index),
+    },
+    RouteSpec {
+        method: Method::GET,
+        path: "/console/{file}",
+        access: Access::Public,
+        tag: "operations",
+        summary: "The console's script and style sheet",
+        request: None,
+        response: (200, None),
+        handler: || get(console::asset),
     },
     RouteSpec {
         method: Method::GET,

@@ -7,6 +7,7 @@ mod config;
 mod projections_cli;
 mod replay;
 mod roles;
+mod tail;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -65,6 +66,8 @@ enum Command {
     },
     /// Print the stored records of a topic, decoded (sensitive fields redacted by default).
     Replay(replay::ReplayArgs),
+    /// Follow a live stream of the gateway (`GET /v1/streams/…`), resuming across disconnects.
+    Tail(tail::TailArgs),
     /// Projections: status, rebuilds, dead letters.
     Projections(projections_cli::ProjectionsArgs),
     /// Benchmarks that print figures (run against the configured broker and database).
@@ -111,9 +114,9 @@ fn main() -> ExitCode {
         eprintln!("keel: {error}");
         return ExitCode::from(2);
     }
-    // `keel replay` prints records on stdout, where log lines would mix with them; it reports
-    // on stderr itself.
-    if !matches!(cli.command, Command::Replay(_)) {
+    // `keel replay` and `keel tail` print records on stdout, where log lines would mix with
+    // them; they report on stderr themselves.
+    if !matches!(cli.command, Command::Replay(_) | Command::Tail(_)) {
         keel_runtime::telemetry::init(&config.log);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -5,7 +5,7 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use keel_runtime::{Health, Lifecycle, lifecycle::cancel_on_signal, postgres};
-use keel_topics::{TopicNames, kafka};
+use keel_topics::{TopicNames, Vault, kafka};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -97,6 +97,7 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
             }
         }
         Command::Replay(args) => return crate::replay::run(args, &config).await,
+        Command::Tail(args) => return crate::tail::run(args, &config).await,
         Command::Projections(args) => return crate::projections_cli::run(args, &config).await,
         Command::Bench(args) => return crate::bench::run(args, &config).await,
     }
@@ -216,8 +217,12 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
             Role::Gateway => {
                 let pool = database(config, "gateway").await?;
                 let listener = bind(&config.gateway.listen, "gateway").await?;
-                let names = TopicNames::new(config.kafka.topic_prefix.clone());
-                keel_gateway::start(&config.gateway, names, pool, &mut lifecycle, listener).await?;
+                let sources = keel_gateway::Sources {
+                    kafka: config.kafka.clone(),
+                    registry_url: config.schema_registry.url.clone(),
+                    projections: keel_projections::catalogue(Vault::new(pool.clone(), &config.personal_data)?),
+                };
+                keel_gateway::start(&config.gateway, sources, pool, &mut lifecycle, listener).await?;
             }
         }
         anyhow::Ok(())

@@ -147,6 +147,13 @@ fn table() -> Vec<Row> {
         Row { fresh: true, ..row(Method::DELETE, "/v1/comments/{id}", "/v1/comments/{comment}", [401, 403, 200, 200]) },
         row(Method::GET, "/v1/me/drafts", "/v1/me/drafts", [401, 200, 200, 200]),
         row(Method::GET, "/v1/audit", "/v1/audit", [401, 403, 403, 200]),
+        row(Method::GET, "/v1/streams/{stream}", "/v1/streams/posts", [401, 403, 403, 200]),
+        row(Method::GET, "/v1/streams/{stream}", "/v1/streams/audit", [401, 403, 403, 200]),
+        row(Method::GET, "/v1/streams/{stream}/{id}", "/v1/streams/posts/{post}", [401, 403, 200, 200]),
+        row(Method::GET, "/v1/streams/{stream}/{id}", "/v1/streams/users/{user}", [401, 403, 200, 200]),
+        row(Method::GET, "/v1/projections", "/v1/projections", [401, 403, 403, 200]),
+        row(Method::GET, "/console", "/console", [200, 200, 200, 200]),
+        row(Method::GET, "/console/{file}", "/console/console.js", [200, 200, 200, 200]),
         row(Method::GET, "/openapi.json", "/openapi.json", [200, 200, 200, 200]),
     ]
 }

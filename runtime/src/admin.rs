@@ -87,7 +87,31 @@ pub fn router(health: Health) -> Router {
         .route("/readyz", get(readyz))
         .route("/healthz", get(readyz))
         .with_state(health)
-        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        .route(
+            "/metrics",
+            get(move || {
+                record_process_metrics();
+                std::future::ready(metrics.render())
+            }),
+        )
+}
+
+/// The process's memory and open files, read from `/proc` when scraped (Linux; elsewhere the
+/// gauges are absent).
+fn record_process_metrics() {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return };
+    let kib = |field: &str| {
+        status.lines().find_map(|line| line.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
+    };
+    if let Some(resident) = kib("VmRSS:") {
+        metrics::gauge!("keel_process_resident_memory_bytes").set(resident * 1024.0);
+    }
+    if let Some(peak) = kib("VmHWM:") {
+        metrics::gauge!("keel_process_resident_memory_peak_bytes").set(peak * 1024.0);
+    }
+    if let Ok(files) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("keel_process_open_fds").set(files.count() as f64);
+    }
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
 
 /// Environment variables that steer loading and are not part of the tree.
-const RESERVED: &[&str] = &["KEEL_CONFIG", "KEEL_LOG", "KEEL_TEST_POSTGRES_URL"];
+const RESERVED: &[&str] = &["KEEL_CONFIG", "KEEL_LOG", "KEEL_TOKEN", "KEEL_TEST_POSTGRES_URL"];
 const PREFIX: &str = "KEEL_";
 const FILE_SUFFIX: &str = "_FILE";
 

@@ -42,7 +42,13 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
     Anonymous,
-    User { id: Uuid, session: Uuid },
+    User {
+        id: Uuid,
+        session: Uuid,
+        /// When the access token expires (seconds since the epoch): long-lived responses (streams)
+        /// end then.
+        expires_at: i64,
+    },
 }
 
 impl Caller {
@@ -147,7 +153,7 @@ async fn authenticate(security: &Security, token: &str) -> Result<Caller, Respon
         metrics::counter!("keel_gateway_tokens_refused_total", "reason" => "inactive").increment(1);
         return Err(unauthenticated("the account is not active"));
     }
-    Ok(Caller::User { id: claims.sub, session: claims.sid })
+    Ok(Caller::User { id: claims.sub, session: claims.sid, expires_at: claims.exp })
 }
 
 /// The pipeline, as an axum middleware on the API routes.
@@ -186,17 +192,18 @@ pub async fn pipeline(
         Access::Public => Decision::Allow,
         Access::Authenticated if caller == Caller::Anonymous => return unauthenticated("sign in first"),
         Access::Authenticated => Decision::Allow,
-        Access::Permission { action, owner } => {
+        Access::Permission { action, owner: whose } => {
             let Some(user) = caller.user() else { return unauthenticated("sign in first") };
-            let owner = match owner {
+            let owner = match whose {
                 Owner::PathUser => match path_uuid(request.uri().path(), route.path) {
                     Some(owner) => Some(owner),
                     None => return Problem::bad_request("the user id must be a UUID").into_response(),
                 },
-                Owner::Service => None,
+                Owner::Service | Owner::Nobody => None,
             };
             match security.permissions.check(user, action, owner).await {
                 Ok(Decision::Deny) => return forbidden(),
+                Ok(Decision::AllowOwn) if whose == Owner::Nobody => return forbidden(),
                 Ok(decision) => decision,
                 Err(problem) => return problem.into_response(),
             }

@@ -1,0 +1,150 @@
+//! What a stream sends from before its hub's position: the audit log's entries, which are the
+//! valid events of every topic, already redacted, in the shape the hubs send live ones.
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use keel_topics::{Topic, TopicNames};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{
+    cursor::Position,
+    hub::{EventView, Filter, StreamEvent},
+};
+
+/// One partition's stretch of history: `[from, until_offset)`.
+#[derive(Debug, Clone)]
+pub struct Range {
+    pub topic: Topic,
+    pub partition: i32,
+    pub from: Position,
+    pub until_offset: i64,
+}
+
+/// Events read per query.
+pub const PAGE: i64 = 500;
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    partition: i32,
+    offset: i64,
+    event_index: i32,
+    event_id: Uuid,
+    event_type: String,
+    schema_version: i32,
+    aggregate_id: Uuid,
+    aggregate_version: i64,
+    command_id: Uuid,
+    actor: String,
+    occurred_at: DateTime<Utc>,
+    correlation_id: Uuid,
+    trace_id: Option<String>,
+    payload: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("the audit log has not reached the stream's start yet")]
+    NotReady,
+    #[error("the audit log cannot be read: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Waits until the audit projection has applied every range up to its end, at most `timeout`.
+pub async fn wait_until_audited(
+    pool: &PgPool,
+    names: &TopicNames,
+    ranges: &[Range],
+    timeout: Duration,
+) -> Result<(), HistoryError> {
+    let deadline = Instant::now() + timeout;
+    let topics: Vec<String> = ranges.iter().map(|range| names.name(range.topic)).collect();
+    let partitions: Vec<i32> = ranges.iter().map(|range| range.partition).collect();
+    let until: Vec<i64> = ranges.iter().map(|range| range.until_offset).collect();
+    loop {
+        let behind: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM UNNEST($1::text[], $2::integer[], $3::bigint[]) AS wanted(topic, partition, until_offset)
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM projection_checkpoints checkpoint
+                 JOIN projections live ON live.name = checkpoint.projection AND live.live_version = checkpoint.projection_version
+                 WHERE checkpoint.projection = 'audit' AND checkpoint.topic = wanted.topic
+                   AND checkpoint.partition = wanted.partition AND checkpoint.next_offset >= wanted.until_offset)",
+        )
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&until)
+        .fetch_one(pool)
+        .await?;
+        if behind == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(HistoryError::NotReady);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The next page of `range`'s events that `filter` wants, in offset order.
+pub async fn page(
+    pool: &PgPool,
+    names: &TopicNames,
+    range: &Range,
+    filter: &Filter,
+) -> Result<Vec<StreamEvent>, HistoryError> {
+    let types: Option<Vec<String>> = filter.types.as_ref().map(|types| types.iter().cloned().collect());
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT topic, partition, \"offset\", event_index, event_id, event_type, schema_version, aggregate_id,
+                aggregate_version, command_id, actor, occurred_at, correlation_id, trace_id, payload
+         FROM audit_log
+         WHERE topic = $1 AND partition = $2 AND (\"offset\", event_index) >= ($3, $4) AND \"offset\" < $5
+           AND ($6::uuid IS NULL OR aggregate_id = $6) AND ($7::text[] IS NULL OR event_type = ANY($7))
+         ORDER BY \"offset\", event_index
+         LIMIT $8",
+    )
+    .bind(names.name(range.topic))
+    .bind(range.partition)
+    .bind(range.from.offset)
+    .bind(range.from.event_index)
+    .bind(range.until_offset)
+    .bind(filter.aggregate)
+    .bind(types)
+    .bind(PAGE)
+    .fetch_all(pool)
+    .await?;
+    let topic = names.name(range.topic);
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let json = EventView {
+                topic: &topic,
+                partition: row.partition,
+                offset: row.offset,
+                event_index: row.event_index,
+                event_id: row.event_id,
+                event_type: &row.event_type,
+                schema_version: i64::from(row.schema_version),
+                aggregate_id: row.aggregate_id,
+                aggregate_version: row.aggregate_version,
+                command_id: row.command_id,
+                actor: &row.actor,
+                occurred_at: row.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                correlation_id: row.correlation_id,
+                trace_id: row.trace_id.as_deref(),
+                payload: &row.payload,
+            }
+            .to_json();
+            StreamEvent {
+                topic: range.topic,
+                partition: row.partition,
+                position: Position { offset: row.offset, event_index: row.event_index },
+                aggregate_id: row.aggregate_id,
+                event_type: row.event_type,
+                json,
+            }
+        })
+        .collect())
+}

@@ -1,0 +1,378 @@
+//! One broker consumer per gateway and topic, shared by every subscriber of the topic.
+//!
+//! A hub reads every partition of its topic, applies the shared validation rule to each commit
+//! (a stream never shows a commit that readers skip), turns the events of valid commits into
+//! [`StreamEvent`]s, and offers each to the subscribers that want it without ever waiting: a
+//! subscriber whose bounded buffer is full is cut off (and told where to resume) rather than
+//! slowing the hub and everyone else.
+//!
+//! The hub starts from the audit projection's checkpoints and validation state (read together,
+//! in one snapshot), so it knows every aggregate's version without reading the topic from the
+//! start; what lies before its position is the audit log's to serve ([`super::history`]).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context;
+use chrono::SecondsFormat;
+use keel_runtime::KafkaConfig;
+use keel_topics::{
+    SchemaRegistryCodec, StreamState, Topic, TopicNames, Verdict, avro_json,
+    reader::PartitionReader,
+    record::{self, Record},
+};
+use rdkafka::message::Message;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::cursor::Position;
+
+/// One event as streams show it (the audit log's view of it: sensitive fields redacted).
+#[derive(Debug)]
+pub struct StreamEvent {
+    pub topic: Topic,
+    pub partition: i32,
+    pub position: Position,
+    pub aggregate_id: Uuid,
+    pub event_type: String,
+    /// The event as JSON, made once for every subscriber.
+    pub json: String,
+}
+
+/// The JSON of a streamed event: the audit log's fields (without its hash chain).
+#[derive(Debug, serde::Serialize)]
+pub struct EventView<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub event_index: i32,
+    pub event_id: Uuid,
+    pub event_type: &'a str,
+    pub schema_version: i64,
+    pub aggregate_id: Uuid,
+    pub aggregate_version: i64,
+    pub command_id: Uuid,
+    pub actor: &'a str,
+    pub occurred_at: String,
+    pub correlation_id: Uuid,
+    pub trace_id: Option<&'a str>,
+    pub payload: &'a serde_json::Value,
+}
+
+impl EventView<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an event view serializes")
+    }
+}
+
+/// What a subscriber wants.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub aggregate: Option<Uuid>,
+    /// Event types (`UserRegistered`); `None`: every type.
+    pub types: Option<HashSet<String>>,
+}
+
+impl Filter {
+    pub fn wants(&self, aggregate_id: Uuid, event_type: &str) -> bool {
+        self.aggregate.is_none_or(|aggregate| aggregate == aggregate_id)
+            && self.types.as_ref().is_none_or(|types| types.contains(event_type))
+    }
+}
+
+/// A subscriber as hubs see it. One subscriber may listen to several hubs (the audit stream):
+/// they share its buffer and its cut-off signal.
+#[derive(Clone)]
+pub struct Subscriber {
+    pub filter: Arc<Filter>,
+    pub sender: mpsc::Sender<Arc<StreamEvent>>,
+    /// Cancelled when a hub found the buffer full: the subscriber stops at what it received.
+    pub cut: CancellationToken,
+}
+
+struct Registration {
+    subscriber: Subscriber,
+    /// Per partition, the first position this subscriber takes from the hub.
+    from: Vec<Position>,
+}
+
+struct State {
+    /// Per partition, the next offset the hub reads.
+    head: Vec<i64>,
+    registrations: Vec<Registration>,
+}
+
+pub struct Hub {
+    topic: Topic,
+    /// The full name (with the installation's prefix), as events name it.
+    topic_name: String,
+    partitions: i32,
+    state: Mutex<State>,
+}
+
+/// What hubs need to start.
+#[derive(Clone)]
+pub struct HubContext {
+    pub kafka: KafkaConfig,
+    pub names: TopicNames,
+    pub codec: SchemaRegistryCodec,
+    pub pool: PgPool,
+    pub shutdown: CancellationToken,
+}
+
+impl Hub {
+    /// Starts the hub of `topic`: loads its starting point, then reads until shutdown. A broker
+    /// failure does not stop it: it reassigns from where it was, with backoff.
+    pub async fn start(context: &HubContext, topic: Topic) -> anyhow::Result<Arc<Self>> {
+        let topic_name = context.names.name(topic);
+        let partitions = topic.spec().partitions;
+        let (head, mut streams) = starting_point(&context.pool, &topic_name, partitions).await?;
+        let mut reader =
+            Some(PartitionReader::assign(&context.kafka, &topic_name, 0..partitions, &by_partition(&head))?);
+        tracing::info!(topic = %topic_name, aggregates = streams.len(), "stream hub starting");
+        let hub = Arc::new(Self {
+            topic,
+            topic_name: topic_name.clone(),
+            partitions,
+            state: Mutex::new(State { head, registrations: Vec::new() }),
+        });
+        let (task_hub, context) = (hub.clone(), context.clone());
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            while !context.shutdown.is_cancelled() {
+                let assigned = match reader.take() {
+                    Some(reader) => Ok(reader),
+                    None => PartitionReader::assign(
+                        &context.kafka,
+                        &topic_name,
+                        0..partitions,
+                        &by_partition(&task_hub.head()),
+                    ),
+                };
+                let outcome = match assigned {
+                    Ok(reader) => task_hub.read(reader, &context.codec, &mut streams, &context.shutdown).await,
+                    Err(error) => Err(error),
+                };
+                let Err(error) = outcome else { break };
+                tracing::error!(topic = %topic_name, error = %format!("{error:#}"), "a stream hub's read failed; resuming");
+                tokio::select! {
+                    () = context.shutdown.cancelled() => {}
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            // At shutdown, subscribers learn it now, not by silence.
+            let mut state = task_hub.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let dropped = state.registrations.len();
+            state.registrations.clear();
+            metrics::gauge!("keel_stream_subscriptions", "topic" => topic.spec().base_name).decrement(dropped as f64);
+        });
+        Ok(hub)
+    }
+
+    /// Per partition, the next offset the hub reads.
+    fn head(&self) -> Vec<i64> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).head.clone()
+    }
+
+    pub fn topic(&self) -> Topic {
+        self.topic
+    }
+
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    /// Registers `subscriber` for the positions from `from` (per partition) on, and returns the
+    /// hub's head at that moment: what lies before it the hub will not send.
+    pub fn subscribe(&self, subscriber: Subscriber, from: Vec<Position>) -> Vec<i64> {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let from = from.iter().zip(&state.head).map(|(from, head)| (*from).max(Position::at_offset(*head))).collect();
+        state.registrations.push(Registration { subscriber, from });
+        metrics::gauge!("keel_stream_subscriptions", "topic" => self.topic.spec().base_name).increment(1.0);
+        state.head.clone()
+    }
+
+    /// Reads until shutdown (`Ok`) or a broker failure (`Err`).
+    async fn read(
+        &self,
+        mut reader: PartitionReader,
+        codec: &SchemaRegistryCodec,
+        streams: &mut HashMap<Uuid, StreamState>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                message = reader.next() => message?.context("a live read has no end")?,
+            };
+            let mut backoff = Duration::from_millis(100);
+            let read = loop {
+                match record::read(codec, self.topic, &message).await {
+                    Ok(read) => break read,
+                    // The registry cannot answer: nothing is known of the record yet.
+                    Err(error) => {
+                        tracing::warn!(topic = %self.topic, %error, "cannot decode a record for streams yet; retrying");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Ok(()),
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            let (partition, offset) = (message.partition(), message.offset());
+            let events = match read {
+                Record::Commit { header, decoded } => {
+                    match streams.entry(header.aggregate_id).or_default().admit(&header) {
+                        Verdict::Valid => self.events(partition, offset, &header, &decoded),
+                        _ => Vec::new(),
+                    }
+                }
+                Record::Unreadable { .. } => Vec::new(),
+            };
+            self.offer(partition, offset, events);
+            // A burst of records already fetched does not starve the subscribers' tasks.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn events(
+        &self,
+        partition: i32,
+        offset: i64,
+        header: &keel_topics::CommitHeader,
+        decoded: &keel_topics::Decoded,
+    ) -> Vec<Arc<StreamEvent>> {
+        let occurred_at = header.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+        let trace_id = header.trace_id();
+        header
+            .events
+            .iter()
+            .zip(&decoded.events)
+            .enumerate()
+            .map(|(index, (meta, event))| {
+                let payload = avro_json::redacted(event);
+                let view = EventView {
+                    topic: &self.topic_name,
+                    partition,
+                    offset,
+                    event_index: index as i32,
+                    event_id: meta.event_id,
+                    event_type: &meta.event_type,
+                    schema_version: i64::from(meta.schema_version),
+                    aggregate_id: header.aggregate_id,
+                    aggregate_version: (header.expected_version + index as u64 + 1) as i64,
+                    command_id: header.command_id,
+                    actor: &header.actor,
+                    occurred_at: occurred_at.clone(),
+                    correlation_id: header.correlation_id,
+                    trace_id: trace_id.as_deref(),
+                    payload: &payload,
+                };
+                Arc::new(StreamEvent {
+                    topic: self.topic,
+                    partition,
+                    position: Position { offset, event_index: index as i32 },
+                    aggregate_id: header.aggregate_id,
+                    event_type: meta.event_type.clone(),
+                    json: view.to_json(),
+                })
+            })
+            .collect()
+    }
+
+    /// Hands the events of the record at `offset` to every subscriber that wants them, without
+    /// waiting; a full buffer cuts its subscriber off, a closed one (the client left) drops it.
+    fn offer(&self, partition: i32, offset: i64, events: Vec<Arc<StreamEvent>>) {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.head[partition as usize] = offset + 1;
+        let before = state.registrations.len();
+        state.registrations.retain(|registration| {
+            let subscriber = &registration.subscriber;
+            if subscriber.cut.is_cancelled() || subscriber.sender.is_closed() {
+                return false;
+            }
+            for event in &events {
+                if event.position < registration.from[partition as usize]
+                    || !subscriber.filter.wants(event.aggregate_id, &event.event_type)
+                {
+                    continue;
+                }
+                match subscriber.sender.try_send(event.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        metrics::counter!("keel_stream_cut_total", "topic" => self.topic.spec().base_name).increment(1);
+                        subscriber.cut.cancel();
+                        return false;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            true
+        });
+        let dropped = before - state.registrations.len();
+        if dropped > 0 {
+            metrics::gauge!("keel_stream_subscriptions", "topic" => self.topic.spec().base_name)
+                .decrement(dropped as f64);
+        }
+        if !events.is_empty() {
+            metrics::counter!("keel_stream_events_total", "topic" => self.topic.spec().base_name)
+                .increment(events.len() as u64);
+        }
+    }
+}
+
+fn by_partition(head: &[i64]) -> BTreeMap<i32, i64> {
+    head.iter().enumerate().map(|(partition, offset)| (partition as i32, *offset)).collect()
+}
+
+/// Where the audit projection is in `topic` and the validation state it has there, read in one
+/// snapshot. With no audit projection yet, the start of the topic and no state.
+async fn starting_point(
+    pool: &PgPool,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<(Vec<i64>, HashMap<Uuid, StreamState>)> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *transaction).await?;
+    let live: Option<i32> = sqlx::query_scalar("SELECT live_version FROM projections WHERE name = 'audit'")
+        .fetch_optional(&mut *transaction)
+        .await?;
+    let mut head = vec![0; partitions as usize];
+    let mut streams = HashMap::new();
+    if let Some(live) = live {
+        let checkpoints: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM projection_checkpoints
+             WHERE projection = 'audit' AND projection_version = $1 AND topic = $2",
+        )
+        .bind(live)
+        .bind(topic)
+        .fetch_all(&mut *transaction)
+        .await?;
+        for (partition, next_offset) in checkpoints {
+            if let Some(slot) = head.get_mut(partition as usize) {
+                *slot = next_offset;
+            }
+        }
+        let rows: Vec<(Uuid, i64, Vec<Uuid>)> = sqlx::query_as(
+            "SELECT aggregate_id, version, recent_commands FROM projection_streams
+             WHERE projection = 'audit' AND projection_version = $1 AND topic = $2",
+        )
+        .bind(live)
+        .bind(topic)
+        .fetch_all(&mut *transaction)
+        .await?;
+        streams = rows
+            .into_iter()
+            .map(|(id, version, commands)| (id, StreamState::from_parts(version as u64, commands)))
+            .collect();
+    }
+    transaction.commit().await?;
+    Ok((head, streams))
+}

@@ -1,0 +1,532 @@
+//! `GET /v1/streams/{stream}` and `GET /v1/streams/{stream}/{id}`: live events as Server-Sent
+//! Events.
+//!
+//! A stream is a topic by its alias (`users`, `posts`, …), every topic (`audit`), or one aggregate
+//! of a topic (`/v1/streams/posts/{id}`), filtered by event type (`?type=PostPublished,…`). It
+//! starts at `?from=latest` (the default), `earliest`, an RFC 3339 time, or a cursor — and a
+//! `Last-Event-ID` header (what browsers send when they reconnect) resumes exactly after the last
+//! event received. Events before the hub's position come from the audit log (already validated
+//! and redacted), the rest live from the gateway's one consumer per topic ([`hub`]). Within a
+//! partition events come in log order; partitions interleave.
+//!
+//! A client whose buffer (`gateway.streams.buffer` events) fills is cut off: it gets what was
+//! buffered, then a final `lagged` event whose `id` and `resume` are where to resume. At
+//! shutdown streams end with an `end` event carrying the same. Heartbeats (SSE comments) keep
+//! idle connections open.
+
+pub mod cursor;
+mod history;
+pub mod hub;
+pub mod sse;
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Extension,
+    extract::{Path, Query, State, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, header},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use chrono::DateTime;
+use futures::Stream;
+use keel_topics::{Topic, kafka, partitioning};
+use rdkafka::{
+    Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OnceCell, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use self::{
+    cursor::{Cursor, Position},
+    history::Range,
+    hub::{Filter, Hub, HubContext, StreamEvent, Subscriber},
+};
+use crate::{
+    AppState, pagination,
+    problem::Problem,
+    security::{Caller, Decision},
+};
+
+/// The `gateway.streams` section of the configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// Events buffered per client; a client further behind is cut off with its resume position.
+    pub buffer: usize,
+    /// Seconds between heartbeats on an idle stream.
+    pub heartbeat_secs: u64,
+    /// How long a stream that starts in the past waits for the audit log to reach the present.
+    pub history_wait_ms: u64,
+    /// Streams open at once on this gateway; more are refused with 503.
+    pub max_clients: usize,
+}
+
+impl StreamsConfig {
+    pub fn validate(&self) -> Result<(), keel_runtime::ConfigError> {
+        use keel_runtime::config::ensure;
+        ensure(self.buffer > 0, "gateway.streams.buffer", "must be positive")?;
+        ensure(self.heartbeat_secs > 0, "gateway.streams.heartbeat_secs", "must be positive")?;
+        ensure(self.max_clients > 0, "gateway.streams.max_clients", "must be positive")
+    }
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self { buffer: 256, heartbeat_secs: 15, history_wait_ms: 10_000, max_clients: 10_000 }
+    }
+}
+
+/// The streams of a gateway: its hubs, made on first use, and its limits.
+pub struct Streams {
+    context: HubContext,
+    hubs: Mutex<HashMap<Topic, Arc<OnceCell<Arc<Hub>>>>>,
+    config: StreamsConfig,
+    /// Watermark and time look-ups.
+    queries: Arc<BaseConsumer>,
+    clients: Arc<AtomicUsize>,
+}
+
+impl Streams {
+    pub fn new(context: HubContext, config: StreamsConfig) -> anyhow::Result<Self> {
+        let queries = Arc::new(kafka::client_config(&context.kafka).create()?);
+        Ok(Self { context, hubs: Mutex::default(), config, queries, clients: Arc::default() })
+    }
+
+    pub fn kafka(&self) -> &keel_runtime::KafkaConfig {
+        &self.context.kafka
+    }
+
+    async fn hub(&self, topic: Topic) -> Result<Arc<Hub>, Problem> {
+        let cell =
+            self.hubs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(topic).or_default().clone();
+        cell.get_or_try_init(|| Hub::start(&self.context, topic)).await.cloned().map_err(|error| {
+            tracing::error!(%topic, error = %format!("{error:#}"), "failed to start a stream hub");
+            Problem::from_code(keel_proto::ErrorCode::Unavailable)
+        })
+    }
+
+    /// Per partition of `topic`, the offset a start point names.
+    async fn offsets(&self, topic: Topic, from: &Start) -> Result<Vec<i64>, Problem> {
+        let (queries, name, partitions) =
+            (self.queries.clone(), self.context.names.name(topic), topic.spec().partitions);
+        let from = from.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<i64>, rdkafka::error::KafkaError> {
+            let timeout = Duration::from_secs(5);
+            match from {
+                Start::Earliest => Ok(vec![0; partitions as usize]),
+                Start::Latest => (0..partitions)
+                    .map(|partition| Ok(queries.fetch_watermarks(&name, partition, timeout)?.1))
+                    .collect(),
+                Start::Time(millis) => {
+                    let mut wanted = TopicPartitionList::new();
+                    for partition in 0..partitions {
+                        wanted.add_partition_offset(&name, partition, Offset::Offset(millis))?;
+                    }
+                    let found = queries.offsets_for_times(wanted, timeout)?;
+                    (0..partitions)
+                        .map(|partition| {
+                            let offset = found.find_partition(&name, partition).map(|element| element.offset());
+                            match offset {
+                                Some(Offset::Offset(offset)) => Ok(offset),
+                                // Nothing stamped at or after the time: from the end.
+                                _ => Ok(queries.fetch_watermarks(&name, partition, timeout)?.1),
+                            }
+                        })
+                        .collect()
+                }
+                Start::Cursor(_) => unreachable!("a cursor names its positions"),
+            }
+        })
+        .await
+        .map_err(|_| Problem::internal())?
+        .map_err(|error| {
+            tracing::warn!(%error, "failed to look up stream positions");
+            Problem::from_code(keel_proto::ErrorCode::Unavailable)
+        })
+    }
+}
+
+/// Where a stream starts.
+#[derive(Debug, Clone)]
+enum Start {
+    Latest,
+    Earliest,
+    /// Milliseconds since the epoch.
+    Time(i64),
+    Cursor(Cursor),
+}
+
+impl Start {
+    fn parse(text: &str) -> Result<Self, Problem> {
+        match text {
+            "latest" => Ok(Self::Latest),
+            "earliest" => Ok(Self::Earliest),
+            _ if text.starts_with("c1.") => Cursor::decode(text)
+                .map(Self::Cursor)
+                .ok_or_else(|| Problem::bad_request("`from` / `Last-Event-ID` is not a cursor of a stream")),
+            _ => DateTime::parse_from_rfc3339(text).map(|time| Self::Time(time.timestamp_millis())).map_err(|_| {
+                Problem::bad_request("`from` must be latest, earliest, an RFC 3339 time or a stream's cursor")
+            }),
+        }
+    }
+}
+
+/// The topics of a stream alias.
+fn topics_of(alias: &str) -> Option<&'static [Topic]> {
+    Some(match alias {
+        "users" => &[Topic::IdentityUsers],
+        "sessions" => &[Topic::AuthSessions],
+        "roles" => &[Topic::AuthzRoles],
+        "grants" => &[Topic::AuthzUserRoles],
+        "posts" => &[Topic::BlogPosts],
+        "comments" => &[Topic::BlogComments],
+        "audit" => Topic::ALL,
+        _ => return None,
+    })
+}
+
+const ALIASES: &str = "users, sessions, roles, grants, posts, comments, audit";
+
+/// Whose `aggregate` of the stream `alias` is, from the read models; `None` when only admins
+/// may watch it. A missing aggregate is `404`.
+async fn owner(state: &AppState, alias: &str, aggregate: Uuid) -> Result<Option<Uuid>, Problem> {
+    let statement = match alias {
+        "users" | "grants" => return Ok(Some(aggregate)),
+        "sessions" => "SELECT user_id FROM auth_sessions WHERE id = $1",
+        "posts" => "SELECT author_id FROM posts WHERE id = $1",
+        "comments" => "SELECT author_id FROM comments WHERE id = $1",
+        _ => return Ok(None),
+    };
+    let owner: Option<Uuid> =
+        sqlx::query_scalar(statement).bind(aggregate).fetch_optional(&state.pool).await.map_err(|error| {
+            tracing::error!(%error, "failed to look up a stream's owner");
+            Problem::from_code(keel_proto::ErrorCode::Unavailable)
+        })?;
+    owner.map(Some).ok_or_else(|| Problem::not_found(format!("no {alias} aggregate {aggregate}")))
+}
+
+/// `GET /v1/streams/{stream}`.
+pub(crate) async fn topic(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(alias): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, Problem> {
+    open(state, caller, alias, None, headers, query).await
+}
+
+/// `GET /v1/streams/{stream}/{id}`.
+pub(crate) async fn aggregate(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((alias, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let id = crate::commands::parse_id(&id, "aggregate")?;
+    open(state, caller, alias, Some(id), headers, query).await
+}
+
+async fn open(
+    state: AppState,
+    caller: Caller,
+    alias: String,
+    aggregate: Option<Uuid>,
+    headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let topics =
+        topics_of(&alias).ok_or_else(|| Problem::not_found(format!("no stream `{alias}`; streams: {ALIASES}")))?;
+    let Query(pairs) = query.map_err(|_| Problem::bad_request("the query string is malformed"))?;
+    let params = pagination::params(pairs, &["from", "type"])?;
+    let Caller::User { id: user, session, expires_at } = caller else {
+        return Err(Problem::from_code(keel_proto::ErrorCode::Unauthenticated));
+    };
+    let permitted = match (alias.as_str(), aggregate) {
+        ("audit", None) => state.security.permissions.check(user, "audit:read", None).await?,
+        ("audit", Some(_)) => return Err(Problem::not_found("the audit stream has no aggregates")),
+        (_, None) => state.security.permissions.check(user, "streams:read", None).await?,
+        (_, Some(id)) => {
+            let owner = owner(&state, &alias, id).await?;
+            state.security.permissions.check(user, "streams:read", owner).await?
+        }
+    };
+    if permitted != Decision::Allow {
+        return Err(Problem::from_code(keel_proto::ErrorCode::PermissionDenied).detail("you may not watch this stream"));
+    }
+    let filter = Arc::new(Filter {
+        aggregate,
+        types: params.get("type").map(|types| {
+            types.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect::<HashSet<_>>()
+        }),
+    });
+    let last_event_id = headers.get("last-event-id").map(|value| value.to_str().map(str::to_owned));
+    let start = match (last_event_id, params.get("from")) {
+        (Some(Ok(id)), _) => Start::parse(&id)?,
+        (Some(Err(_)), _) => return Err(Problem::bad_request("`Last-Event-ID` is not a cursor of a stream")),
+        (None, Some(from)) => Start::parse(from)?,
+        (None, None) => Start::Latest,
+    };
+    let streams = &state.streams;
+    let guard = ClientGuard::new(streams.clients.clone());
+    if guard.open_before >= streams.config.max_clients {
+        return Err(Problem::from_code(keel_proto::ErrorCode::Overloaded).detail("too many streams are open"));
+    }
+    let partitions: Vec<(Topic, i32)> = topics
+        .iter()
+        .flat_map(|topic| (0..topic.spec().partitions).map(move |partition| (*topic, partition)))
+        .collect();
+    let cursor = match start {
+        Start::Cursor(cursor) if cursor.covers(&partitions) => cursor,
+        Start::Cursor(_) => return Err(Problem::bad_request("the cursor is not one of this stream")),
+        start => {
+            let mut cursor = Cursor::default();
+            for topic in topics {
+                for (partition, offset) in streams.offsets(*topic, &start).await?.into_iter().enumerate() {
+                    cursor.set(*topic, partition as i32, Position::at_offset(offset));
+                }
+            }
+            cursor
+        }
+    };
+
+    let (sender, receiver) = mpsc::channel(streams.config.buffer.max(1));
+    let subscriber = Subscriber { filter: filter.clone(), sender, cut: CancellationToken::new() };
+    let mut ranges = VecDeque::new();
+    for topic in topics {
+        let hub = streams.hub(*topic).await?;
+        let from: Vec<Position> =
+            (0..hub.partitions()).map(|partition| cursor.get(*topic, partition).unwrap_or(Position::START)).collect();
+        let head = hub.subscribe(subscriber.clone(), from.clone());
+        // An aggregate lives in one partition: its history is there only.
+        let only = aggregate.map(|id| partitioning::partition_of(id.to_string().as_bytes(), hub.partitions()));
+        for (partition, (from, head)) in from.iter().zip(head).enumerate() {
+            let partition = partition as i32;
+            if *from < Position::at_offset(head) && only.is_none_or(|only| only == partition) {
+                ranges.push_back(Range { topic: *topic, partition, from: *from, until_offset: head });
+            }
+        }
+    }
+    let ranges: Vec<Range> = ranges.into_iter().collect();
+    if !ranges.is_empty() {
+        let wait = Duration::from_millis(streams.config.history_wait_ms);
+        history::wait_until_audited(&state.pool, &state.names, &ranges, wait).await.map_err(|error| {
+            tracing::warn!(%error, "a stream's history is not available");
+            Problem::from_code(keel_proto::ErrorCode::Unavailable)
+                .detail("the stream's history is not ready yet; retry")
+        })?;
+    }
+    metrics::counter!("keel_streams_opened_total", "stream" => stream_label(&alias)).increment(1);
+    let expires_at = DateTime::from_timestamp(expires_at, 0).unwrap_or_default();
+    let token_left = (expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
+    let feed = Feed {
+        state: state.clone(),
+        access: Access {
+            user,
+            session,
+            expires: tokio::time::Instant::now() + token_left,
+            recheck: tokio::time::interval_at(tokio::time::Instant::now() + ACCESS_RECHECK, ACCESS_RECHECK),
+        },
+        filter,
+        cursor,
+        ranges: ranges.into(),
+        buffered: VecDeque::new(),
+        receiver,
+        cut: subscriber.cut,
+        shutdown: state.streams.context.shutdown.clone(),
+        done: false,
+        _guard: guard,
+    };
+    let heartbeat = Duration::from_secs(streams.config.heartbeat_secs.max(1));
+    let mut response = Sse::new(feed.into_stream()).keep_alive(KeepAlive::new().interval(heartbeat)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Proxies that buffer would hold events back.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+fn stream_label(alias: &str) -> &'static str {
+    match alias {
+        "users" => "users",
+        "sessions" => "sessions",
+        "roles" => "roles",
+        "grants" => "grants",
+        "posts" => "posts",
+        "comments" => "comments",
+        _ => "audit",
+    }
+}
+
+/// Counts a stream while it is open.
+struct ClientGuard {
+    open: Arc<AtomicUsize>,
+    /// Streams open before this one.
+    open_before: usize,
+}
+
+impl ClientGuard {
+    fn new(open: Arc<AtomicUsize>) -> Self {
+        let open_before = open.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!("keel_streams_open").increment(1.0);
+        Self { open, open_before }
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("keel_streams_open").decrement(1.0);
+    }
+}
+
+/// How often an open stream checks that its session and user are still active: logging out or
+/// being deactivated ends it within this (plus the status cache's lifetime).
+const ACCESS_RECHECK: Duration = Duration::from_secs(5);
+
+/// Who a stream is for; it ends when their token expires or their session ends.
+struct Access {
+    user: Uuid,
+    session: Uuid,
+    expires: tokio::time::Instant,
+    recheck: tokio::time::Interval,
+}
+
+impl Access {
+    /// Whether the session and the user are still active (`true` while that cannot be read: the
+    /// token was valid, and a database hiccup should not drop every stream).
+    async fn still_valid(&self, state: &AppState) -> bool {
+        let status = &state.security.status;
+        let revoked = status.session_revoked(self.session).await.unwrap_or(false);
+        let active = status.user_active(self.user).await.unwrap_or(true);
+        !revoked && active
+    }
+}
+
+/// One client's stream: history first, then live events, then a final event.
+struct Feed {
+    state: AppState,
+    access: Access,
+    filter: Arc<Filter>,
+    cursor: Cursor,
+    ranges: VecDeque<Range>,
+    buffered: VecDeque<StreamEvent>,
+    receiver: mpsc::Receiver<Arc<StreamEvent>>,
+    cut: CancellationToken,
+    shutdown: CancellationToken,
+    done: bool,
+    _guard: ClientGuard,
+}
+
+#[derive(Serialize)]
+struct Final<'a> {
+    reason: &'a str,
+    resume: String,
+}
+
+impl Feed {
+    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+        futures::stream::unfold(self, |mut feed| async move {
+            let event = feed.next().await?;
+            Some((Ok(event), feed))
+        })
+    }
+
+    /// The SSE event of a stream event, its `id` the cursor after it; `None` for one already
+    /// delivered (a live event the history phase sent too).
+    fn deliver(&mut self, event: &StreamEvent) -> Option<Event> {
+        if self.cursor.get(event.topic, event.partition).is_some_and(|next| event.position < next) {
+            return None;
+        }
+        self.cursor.advance(event.topic, event.partition, event.position);
+        metrics::counter!("keel_stream_events_delivered_total").increment(1);
+        Some(Event::default().id(self.cursor.encode()).data(&event.json))
+    }
+
+    fn last(&mut self, name: &str, reason: &str) -> Event {
+        self.done = true;
+        let resume = self.cursor.encode();
+        let data = serde_json::to_string(&Final { reason, resume: resume.clone() }).unwrap_or_default();
+        Event::default().event(name).id(resume).data(data)
+    }
+
+    async fn next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if let Some(event) = self.buffered.pop_front() {
+                if let Some(sse) = self.deliver(&event) {
+                    return Some(sse);
+                }
+                continue;
+            }
+            if let Some(range) = self.ranges.front_mut() {
+                match history::page(&self.state.pool, &self.state.names, range, &self.filter).await {
+                    Ok(page) => {
+                        match page.last() {
+                            Some(last) if page.len() as i64 >= history::PAGE => range.from = last.position.next(),
+                            _ => {
+                                self.ranges.pop_front();
+                            }
+                        }
+                        self.buffered.extend(page);
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "failed to read a stream's history");
+                        return Some(self.last("end", "the stream's history cannot be read now; resume"));
+                    }
+                }
+            }
+            let event = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return Some(self.last("end", "the gateway is shutting down; resume elsewhere")),
+                () = tokio::time::sleep_until(self.access.expires) => {
+                    return Some(self.last("end", "the access token expired; resume with a fresh one"));
+                }
+                _ = self.access.recheck.tick() => {
+                    if !self.access.still_valid(&self.state).await {
+                        return Some(self.last("end", "the session ended"));
+                    }
+                    continue;
+                }
+                event = self.receiver.recv() => event,
+                () = self.cut.cancelled() => match self.receiver.try_recv() {
+                    Ok(event) => Some(event),
+                    Err(_) => {
+                        metrics::counter!("keel_stream_lagged_total").increment(1);
+                        return Some(self.last("lagged", "the client fell behind; resume from here"));
+                    }
+                },
+            };
+            match event {
+                Some(event) => {
+                    if let Some(sse) = self.deliver(&event) {
+                        return Some(sse);
+                    }
+                }
+                None if self.cut.is_cancelled() => {
+                    metrics::counter!("keel_stream_lagged_total").increment(1);
+                    return Some(self.last("lagged", "the client fell behind; resume from here"));
+                }
+                None => return Some(self.last("end", "the stream's source stopped; resume")),
+            }
+        }
+    }
+}
