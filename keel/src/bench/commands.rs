@@ -95,7 +95,7 @@ pub(super) async fn run(
 }
 
 /// `http://<listen>`, with a wildcard listen address replaced by loopback of the same family.
-fn default_gateway_url(listen: &str) -> String {
+pub(super) fn default_gateway_url(listen: &str) -> String {
     let authority = match listen.parse::<SocketAddr>() {
         Ok(address) if address.ip().is_unspecified() => {
             let loopback: IpAddr =
@@ -108,12 +108,12 @@ fn default_gateway_url(listen: &str) -> String {
 }
 
 /// The `quantile` (0 to 1) of sorted, non-empty latencies, by nearest rank.
-fn percentile(sorted: &[Duration], quantile: f64) -> Duration {
+pub(super) fn percentile(sorted: &[Duration], quantile: f64) -> Duration {
     let rank = (quantile * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn milliseconds(duration: Duration) -> f64 {
+pub(super) fn milliseconds(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1_000.0
 }
 

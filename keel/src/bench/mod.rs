@@ -3,13 +3,15 @@
 //! of what the infrastructure allows rather than as a bare number.
 //!
 //! - `replay`: how fast a projection replays a topic ([`replay`]);
-//! - `commands`: how fast a running gateway accepts commands ([`commands`]).
+//! - `commands`: how fast a running gateway accepts commands ([`commands`]);
+//! - `streams`: N events fanned out to M SSE clients: delivery latency and memory ([`streams`]).
 //!
 //! Raw Kafka figures are taken under a throwaway topic prefix (`bench-<id>.`), so a bench can run
 //! next to a live installation.
 
 mod commands;
 mod replay;
+mod streams;
 
 use std::{
     ops::Range,
@@ -57,6 +59,23 @@ enum BenchCommand {
         #[arg(long)]
         gateway: Option<String>,
     },
+    /// Fan N events out to M SSE clients of a running gateway: delivery latency p50/p99 and the
+    /// gateway's memory.
+    Streams {
+        #[arg(long, default_value_t = 2_000)]
+        events: u64,
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// Concurrent writers drafting the posts.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        /// The gateway's base URL [default: `http://<gateway.listen>`].
+        #[arg(long)]
+        gateway: Option<String>,
+        /// An access token of an account that may draft posts and read whole streams (an admin's).
+        #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
+        token: String,
+    },
 }
 
 pub async fn run(args: BenchArgs, config: &KeelConfig) -> anyhow::Result<ExitCode> {
@@ -64,6 +83,9 @@ pub async fn run(args: BenchArgs, config: &KeelConfig) -> anyhow::Result<ExitCod
         BenchCommand::Replay { events } => replay::run(config, events).await,
         BenchCommand::Commands { commands, clients, gateway } => {
             commands::run(config, commands, clients, gateway).await
+        }
+        BenchCommand::Streams { events, clients, writers, gateway, token } => {
+            streams::run(config, streams::StreamsBench { events, clients, writers, gateway, token }).await
         }
     }
 }
