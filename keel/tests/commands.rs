@@ -451,7 +451,11 @@ async fn an_owner_restarts_from_snapshots_and_replays_only_the_tail() {
     const PARTITIONS: u64 = 8;
     let mut platform = Platform::prepare().await;
     for role in [Role::Registry, Role::Identity, Role::Auth, Role::Authz, Role::Projector, Role::Gateway] {
-        platform.spawn(role);
+        // One access token serves the whole test, which may outlast the default lifetime.
+        match role {
+            Role::Auth => platform.spawn_with(role, &[("KEEL_AUTH__ACCESS_TOKEN_TTL_SECS", "3600")]),
+            _ => platform.spawn(role),
+        }
         platform.wait_ready(role, Duration::from_secs(60)).await;
     }
     let client = reqwest::Client::new();
