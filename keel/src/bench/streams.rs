@@ -12,11 +12,16 @@
 //!   appends) to the event's arrival at a client, for every event at every client: the whole
 //!   path command service → Kafka → the gateway's hub → the client's buffer → HTTP. Clients and
 //!   services share this machine's clock; on other machines, clock skew adds to it.
+//! - Command latency, from a draft's first send to its `201` (the commit is in the log), for
+//!   comparison: what delivery adds is roughly the difference.
 //! - The gateway's resident memory (its `keel_process_resident_memory_bytes`) before the clients
 //!   connect and once every event is delivered, with the streams still open.
 //!
-//! A client cut off for falling behind (a final `lagged` event) is counted, not resumed; the
-//! drafted posts stay in the installation.
+//! Drafts answered `429` (the per-user rate limit, 50/s by default) or `503` wait `Retry-After`
+//! and go again with the same `Idempotency-Key` (a `503` may have landed), and are counted: raise
+//! `gateway.rate_limit.per_user` to measure the fan-out rather than the limit. A client cut off
+//! for falling behind (a final `lagged` event) is counted, not resumed; the drafted posts stay in
+//! the installation.
 
 use std::{
     process::ExitCode,
@@ -29,7 +34,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use keel_gateway::streams::sse::SseParser;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::{sync::Barrier, task::JoinSet};
 
 use super::{
@@ -102,28 +107,45 @@ pub(super) async fn run(config: &KeelConfig, bench: StreamsBench) -> anyhow::Res
 
     eprintln!("drafting {} posts from {} writers", bench.events, bench.writers);
     let started = Instant::now();
-    futures::stream::iter(0..bench.events)
+    let throttled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut commands = futures::stream::iter(0..bench.events)
         .map(|number| {
-            let request = http
-                .post(format!("{base_url}/v1/posts"))
-                .bearer_auth(&bench.token)
-                .json(&json!({"title": format!("{marker}{number}"), "body": "Fanned out."}));
+            let (http, base_url, token, throttled) = (&http, &base_url, &bench.token, throttled.clone());
+            let title = format!("{marker}{number}");
+            let body = json!({"title": title, "body": "Fanned out."});
             async move {
-                let response = request.send().await?;
-                let status = response.status();
-                anyhow::ensure!(
-                    status == StatusCode::CREATED,
-                    "drafting answered {status}: {}",
-                    response.text().await?
-                );
-                anyhow::Ok(())
+                let sent = Instant::now();
+                loop {
+                    let response = http
+                        .post(format!("{base_url}/v1/posts"))
+                        .bearer_auth(token)
+                        .header("idempotency-key", &title)
+                        .json(&body)
+                        .send()
+                        .await?;
+                    let status = response.status();
+                    // A rate limit or a busy service: wait as told, then the same draft again.
+                    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+                        throttled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let wait =
+                            response.headers().get("retry-after").and_then(|value| value.to_str().ok()?.parse().ok());
+                        tokio::time::sleep(Duration::from_secs(wait.unwrap_or(1))).await;
+                        continue;
+                    }
+                    anyhow::ensure!(
+                        status == StatusCode::CREATED,
+                        "drafting answered {status}: {}",
+                        response.text().await?
+                    );
+                    return anyhow::Ok(sent.elapsed());
+                }
             }
         })
         .buffer_unordered(bench.writers)
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<anyhow::Result<Vec<()>>>()?;
+        .collect::<anyhow::Result<Vec<Duration>>>()?;
     let written = Rate { what: "POST /v1/posts (201)".into(), count: bench.events, elapsed: started.elapsed() };
 
     let mut latencies = Vec::with_capacity((bench.events as usize) * bench.clients);
@@ -140,6 +162,7 @@ pub(super) async fn run(config: &KeelConfig, bench: StreamsBench) -> anyhow::Res
     }
     drop(clients);
     latencies.sort_unstable();
+    commands.sort_unstable();
     anyhow::ensure!(!latencies.is_empty(), "no client received an event");
     let deliveries = Rate { what: "deliveries".into(), count: latencies.len() as u64, elapsed: delivered_in };
     let mib = |bytes: f64| bytes / 1024.0 / 1024.0;
@@ -151,13 +174,31 @@ pub(super) async fn run(config: &KeelConfig, bench: StreamsBench) -> anyhow::Res
     deliveries.print();
     println!("  {:<28} {:>10} of {}", "deliveries expected", latencies.len(), bench.events * bench.clients as u64);
     println!("  {:<28} {:>10}", "clients cut off (lagged)", cut_off);
+    println!("  {:<28} {:>10}", "drafts throttled (429/503)", throttled.load(std::sync::atomic::Ordering::Relaxed));
     println!("  {:<28} {:>10.2} ms", "delivery latency p50", milliseconds(percentile(&latencies, 0.50)));
     println!("  {:<28} {:>10.2} ms", "delivery latency p99", milliseconds(percentile(&latencies, 0.99)));
     println!("  {:<28} {:>10.2} ms", "delivery latency max", milliseconds(percentile(&latencies, 1.0)));
+    println!("  {:<28} {:>10.2} ms", "command latency p50", milliseconds(percentile(&commands, 0.50)));
+    println!("  {:<28} {:>10.2} ms", "command latency p99", milliseconds(percentile(&commands, 0.99)));
     println!("  {:<28} {:>10.1} MiB", "gateway memory, idle", mib(idle));
     println!("  {:<28} {:>10.1} MiB", "gateway memory, streams open", mib(loaded));
     println!("  {:<28} {:>10.1} KiB", "  per stream", (loaded - idle) / bench.clients as f64 / 1024.0);
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a client reads of an event (the rest is skipped, not parsed: the clients share the
+/// machine with the platform).
+#[derive(serde::Deserialize)]
+struct Seen<'a> {
+    occurred_at: DateTime<Utc>,
+    #[serde(borrow)]
+    payload: SeenPayload<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct SeenPayload<'a> {
+    #[serde(borrow, default)]
+    title: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Reads one stream until it has `events` of this run's posts, is cut off, or goes silent.
@@ -173,12 +214,10 @@ async fn receive(response: reqwest::Response, marker: &str, events: u64) -> anyh
                 received.cut_off = true;
                 return Ok(received);
             }
-            let value: Value = serde_json::from_str(&event.data)?;
-            if !value["payload"]["title"].as_str().is_some_and(|title| title.starts_with(marker)) {
-                continue;
+            let seen: Seen<'_> = serde_json::from_str(&event.data)?;
+            if seen.payload.title.is_some_and(|title| title.starts_with(marker)) {
+                received.latencies.push((arrived - seen.occurred_at).to_std().unwrap_or_default());
             }
-            let occurred_at: DateTime<Utc> = value["occurred_at"].as_str().unwrap_or_default().parse()?;
-            received.latencies.push((arrived - occurred_at).to_std().unwrap_or_default());
         }
     }
     Ok(received)
