@@ -11,9 +11,9 @@ use axum::{
     http::HeaderMap,
     response::{IntoResponse, Response},
 };
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Deserialize, Serialize, Serializer};
-use serde_json::Value;
+use chrono::{DateTime, Utc};
+use keel_projections::audit::{AuditEntry, COLUMNS};
+use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
@@ -54,29 +54,6 @@ struct SortKey {
     event_index: i32,
 }
 
-/// One audit entry as served.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-struct AuditItem {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    event_index: i32,
-    sequence: i64,
-    event_id: Uuid,
-    event_type: String,
-    schema_version: i32,
-    aggregate_id: Uuid,
-    aggregate_version: i64,
-    command_id: Uuid,
-    actor: String,
-    #[serde(serialize_with = "rfc3339_micros")]
-    occurred_at: DateTime<Utc>,
-    correlation_id: Uuid,
-    trace_id: Option<String>,
-    /// Sensitive fields are redacted when the entry is written.
-    payload: Value,
-}
-
 /// `GET /v1/audit?actor=&aggregate=&event_type=&from=&to=&limit=&cursor=`
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -98,7 +75,7 @@ pub(crate) async fn list(
 }
 
 /// One page of entries matching `query`.
-async fn page(state: &AppState, query: &AuditQuery) -> Result<Json<Page<AuditItem>>, Problem> {
+async fn page(state: &AppState, query: &AuditQuery) -> Result<Json<Page<AuditEntry>>, Problem> {
     let items = fetch(state, query).await.map_err(|error| {
         tracing::error!(error = %error, "failed to read the audit log");
         Problem::from_code(keel_proto::ErrorCode::Unavailable)
@@ -159,12 +136,8 @@ fn parse_time(name: &str, value: &str) -> Result<DateTime<Utc>, Problem> {
 /// a prefix of an index (`audit_log_actor`, `audit_log_aggregate`, `audit_log_occurred_at`)
 /// whose next column is the leading sort key, so a page is an index range scan.
 #[tracing::instrument(skip_all, fields(limit = query.limit))]
-async fn fetch(state: &AppState, query: &AuditQuery) -> Result<Vec<AuditItem>, sqlx::Error> {
-    let mut sql = QueryBuilder::<Postgres>::new(
-        "SELECT topic, partition, \"offset\", event_index, sequence, event_id, event_type, schema_version,
-                aggregate_id, aggregate_version, command_id, actor, occurred_at, correlation_id, trace_id, payload
-         FROM audit_log WHERE TRUE",
-    );
+async fn fetch(state: &AppState, query: &AuditQuery) -> Result<Vec<AuditEntry>, sqlx::Error> {
+    let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {COLUMNS} FROM audit_log WHERE TRUE"));
     if let Some(actor) = &query.actor {
         sql.push(" AND actor = ").push_bind(actor);
     }
@@ -198,11 +171,11 @@ async fn fetch(state: &AppState, query: &AuditQuery) -> Result<Vec<AuditItem>, s
             .push(")");
     }
     sql.push(" ORDER BY occurred_at, topic, partition, \"offset\", event_index LIMIT ").push_bind(query.limit + 1);
-    sql.build_query_as::<AuditItem>().fetch_all(&state.pool).await
+    sql.build_query_as::<AuditEntry>().fetch_all(&state.pool).await
 }
 
 impl SortKey {
-    fn of(item: &AuditItem) -> Self {
+    fn of(item: &AuditEntry) -> Self {
         Self {
             occurred_at_us: item.occurred_at.timestamp_micros(),
             topic: item.topic.clone(),
@@ -216,10 +189,6 @@ impl SortKey {
         // Checked when the cursor was decoded.
         DateTime::from_timestamp_micros(self.occurred_at_us).unwrap_or_default()
     }
-}
-
-fn rfc3339_micros<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&time.to_rfc3339_opts(SecondsFormat::Micros, true))
 }
 
 #[cfg(test)]

@@ -119,6 +119,8 @@ struct Tail<'a> {
 impl Tail<'_> {
     /// One connection, from the last event printed. `Err` for a refusal that retrying cannot fix.
     async fn connect(&mut self, client: &reqwest::Client, url: &reqwest::Url) -> anyhow::Result<Ended> {
+        // What a dropped connection left half-read is not part of the next one.
+        self.parser = SseParser::resuming(self.parser.last_id.take());
         let mut request = client.get(url.clone()).bearer_auth(&self.args.token).header("accept", "text/event-stream");
         if let Some(id) = &self.parser.last_id {
             request = request.header("last-event-id", id);

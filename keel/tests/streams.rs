@@ -44,6 +44,17 @@ impl Subscription {
         Self { body: Box::pin(response.bytes_stream()), parser, queue: VecDeque::new() }
     }
 
+    /// Opens the stream once the gateway allows it (what it depends on may still be on its way
+    /// to the read models).
+    async fn open_when_allowed(client: &reqwest::Client, url: &str, token: &str, what: &str) -> Self {
+        eventually(Duration::from_secs(30), what, || async {
+            let response = Self::request(client, url, token, None).await;
+            (response.status() == StatusCode::OK).then_some(())
+        })
+        .await;
+        Self::open(client, url, token, None).await
+    }
+
     async fn request(client: &reqwest::Client, url: &str, token: &str, last_id: Option<&str>) -> reqwest::Response {
         let mut request = client.get(url).bearer_auth(token);
         if let Some(id) = last_id {
@@ -223,7 +234,8 @@ async fn read_chunked(mut stream: tokio::net::TcpStream) -> (String, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_client_is_cut_off_with_its_resume_position_while_a_fast_one_gets_everything() {
     const EVENTS: usize = 2000;
-    let platform = platform_with_gateway(&[]).await;
+    // The slow client stalls for as long as the writes take: its stream is not dropped for it.
+    let platform = platform_with_gateway(&[("KEEL_GATEWAY__STREAMS__STALL_TIMEOUT_MS", "300000")]).await;
     let client = reqwest::Client::new();
     let admin = platform.admin(&client).await;
     let gateway = platform.gateway_url.clone();
@@ -357,7 +369,11 @@ async fn a_thousand_clients_get_every_event_in_bounded_memory_and_one_more_is_re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_filter_start_where_asked_redact_refuse_and_end() {
-    let mut platform = platform_with_gateway(&[("KEEL_GATEWAY__STREAMS__HEARTBEAT_SECS", "1")]).await;
+    let mut platform = platform_with_gateway(&[
+        ("KEEL_GATEWAY__STREAMS__HEARTBEAT_SECS", "1"),
+        ("KEEL_GATEWAY__STREAMS__STALL_TIMEOUT_MS", "3000"),
+    ])
+    .await;
     let client = reqwest::Client::new();
     let gateway = platform.gateway_url.clone();
     let admin = platform.admin(&client).await;
@@ -409,12 +425,8 @@ async fn streams_filter_start_where_asked_redact_refuse_and_end() {
     let draft = command("/v1/posts".into(), json!({"title": "Streams", "body": "Draft."})).await;
     let mine = format!("{gateway}/v1/streams/posts/{draft}?from=earliest");
     // The stream of an aggregate needs its owner, from the read model.
-    eventually(Duration::from_secs(30), "the draft in the read model", || async {
-        let response = Subscription::request(&client, &mine, &author.access_token, None).await;
-        (response.status() == StatusCode::OK).then_some(())
-    })
-    .await;
-    let mut own = Subscription::open(&client, &mine, &author.access_token, None).await;
+    let mut own =
+        Subscription::open_when_allowed(&client, &mine, &author.access_token, "the draft in the read model").await;
     let mut published = Subscription::open(
         &client,
         &format!("{gateway}/v1/streams/posts?type=PostPublished"),
@@ -459,6 +471,7 @@ async fn streams_filter_start_where_asked_redact_refuse_and_end() {
         (first["aggregate_id"].as_str(), first["event_type"].as_str()),
         (Some(later.as_str()), Some("PostDrafted"))
     );
+    drop(timed);
 
     // `keel tail` prints the same stream, as JSON lines, and stops after --limit.
     let output = platform
@@ -494,6 +507,64 @@ async fn streams_filter_start_where_asked_redact_refuse_and_end() {
         platform.keel(&["tail", "audit", "--gateway", &gateway, "--token", &author.access_token]).output().unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("403"), "{}", String::from_utf8_lossy(&refused.stderr));
+
+    // A client that takes nothing loses its stream after the stall timeout, and its place; what
+    // it gets once it reads again ends without a final event, and resumes from its last id.
+    // (More than the socket buffers hold: about 9 MB.)
+    let body = "z".repeat(60_000);
+    let drafted = draft_posts(&client, &gateway, &author, 150, &body).await;
+    // Open now: the author's own stream and the admin's publications (the others were dropped,
+    // and are let go as the drafts reach them).
+    eventually(Duration::from_secs(30), "the dropped streams to be let go", || async {
+        (platform.metric(Role::Gateway, "keel_streams_open").await == Some(2.0)).then_some(())
+    })
+    .await;
+    let stalled = stalled_client(&gateway, "/v1/streams/posts?from=earliest", &admin.access_token).await;
+    eventually(Duration::from_secs(30), "the stalled stream to be dropped", || async {
+        let stalled = platform.metric(Role::Gateway, "keel_stream_stalled_total").await;
+        let open = platform.metric(Role::Gateway, "keel_streams_open").await;
+        (stalled == Some(1.0) && open == Some(2.0)).then_some(())
+    })
+    .await;
+    let (_, body) = read_chunked(stalled).await;
+    let mut parser = SseParser::default();
+    let got = parser.push(&body);
+    assert!(got.iter().all(|event| event.event == "message"), "no final event for a stalled client");
+    assert!(!got.is_empty() && got.len() < drafted.len(), "{} events before the stall", got.len());
+    let resumed = Subscription::open(
+        &client,
+        &format!("{gateway}/v1/streams/posts"),
+        &admin.access_token,
+        parser.last_id.as_deref(),
+    )
+    .await;
+    drop(resumed);
+
+    // Losing the permission a stream needs ends it, with where to resume.
+    let watcher = platform.signup(&client, "watcher@example.com", "Wanda Watcher").await;
+    let as_admin = |request: reqwest::RequestBuilder| request.bearer_auth(&admin.access_token).send();
+    let role = as_admin(client.post(format!("{gateway}/v1/roles")).json(&json!({
+        "name": "watcher", "permissions": ["streams:read:any"]
+    })))
+    .await
+    .unwrap();
+    assert_eq!(role.status(), StatusCode::CREATED);
+    let grant =
+        as_admin(client.post(format!("{gateway}/v1/users/{}/roles", watcher.id)).json(&json!({"role": "watcher"})))
+            .await
+            .unwrap();
+    assert!(grant.status().is_success(), "{}", grant.status());
+    let comments = format!("{gateway}/v1/streams/comments");
+    let mut watching =
+        Subscription::open_when_allowed(&client, &comments, &watcher.access_token, "the grant to be in force").await;
+    let revoke = as_admin(client.delete(format!("{gateway}/v1/users/{}/roles/watcher", watcher.id))).await.unwrap();
+    assert!(revoke.status().is_success(), "{}", revoke.status());
+    let ended = watching.next(Duration::from_secs(20)).await.expect("a final event");
+    assert_eq!(ended.event, "end");
+    assert!(ended.data.contains("no longer watch"), "{ended:?}");
+    assert!(ended.id.is_some(), "{ended:?}");
+    let refused = Subscription::request(&client, &comments, &watcher.access_token, None).await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
 
     // Logging out ends the author's stream; shutting the gateway down ends the admin's, each
     // with a final event to resume from.

@@ -8,7 +8,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use keel_topics::{Topic, avro_json};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgPool, QueryBuilder, Row};
+use sqlx::{FromRow, PgConnection, PgPool, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::{Commit, Projection, TableSpec, Tables};
@@ -62,8 +62,8 @@ const TABLES: &[TableSpec] = &[
 /// The hash a chain starts from.
 const GENESIS: [u8; 32] = [0; 32];
 
-/// One audit entry, as hashed and stored.
-#[derive(Debug, Clone)]
+/// One audit entry, as hashed and stored, and as `GET /v1/audit` serves it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct AuditEntry {
     pub topic: String,
     pub partition: i32,
@@ -77,10 +77,20 @@ pub struct AuditEntry {
     pub aggregate_version: i64,
     pub command_id: Uuid,
     pub actor: String,
+    #[serde(serialize_with = "rfc3339_micros")]
     pub occurred_at: DateTime<Utc>,
     pub correlation_id: Uuid,
     pub trace_id: Option<String>,
+    /// Sensitive fields are redacted before the entry is made.
     pub payload: Value,
+}
+
+/// The columns of an [`AuditEntry`] in `audit_log`, for reading entries back.
+pub const COLUMNS: &str = "topic, partition, \"offset\", event_index, sequence, event_id, event_type, \
+    schema_version, aggregate_id, aggregate_version, command_id, actor, occurred_at, correlation_id, trace_id, payload";
+
+fn rfc3339_micros<S: serde::Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&time.to_rfc3339_opts(SecondsFormat::Micros, true))
 }
 
 impl AuditEntry {
@@ -301,11 +311,9 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
         let topic: String = chain.get(0);
         let partition: i32 = chain.get(1);
         verification.chains += 1;
-        let rows = sqlx::query(
-            "SELECT \"offset\", event_index, sequence, event_id, event_type, schema_version, aggregate_id,
-                    aggregate_version, command_id, actor, occurred_at, correlation_id, trace_id, payload, prev_hash, hash
-             FROM audit_log WHERE topic = $1 AND partition = $2 ORDER BY sequence",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS}, prev_hash, hash FROM audit_log WHERE topic = $1 AND partition = $2 ORDER BY sequence"
+        )))
         .bind(&topic)
         .bind(partition)
         .fetch_all(pool)
@@ -314,26 +322,9 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
         let mut prev_hash = GENESIS.to_vec();
         for (position, row) in rows.iter().enumerate() {
             verification.entries += 1;
-            let entry = AuditEntry {
-                topic: topic.clone(),
-                partition,
-                offset: row.get(0),
-                event_index: row.get(1),
-                sequence: row.get(2),
-                event_id: row.get(3),
-                event_type: row.get(4),
-                schema_version: row.get(5),
-                aggregate_id: row.get(6),
-                aggregate_version: row.get(7),
-                command_id: row.get(8),
-                actor: row.get(9),
-                occurred_at: row.get(10),
-                correlation_id: row.get(11),
-                trace_id: row.get(12),
-                payload: row.get(13),
-            };
-            let stored_prev: Vec<u8> = row.get(14);
-            let stored_hash: Vec<u8> = row.get(15);
+            let entry = AuditEntry::from_row(row).context("failed to read an audit entry")?;
+            let stored_prev: Vec<u8> = row.try_get("prev_hash")?;
+            let stored_hash: Vec<u8> = row.try_get("hash")?;
             let expected = entry.hash(&prev_hash);
             let in_sequence = entry.sequence == position as i64 + 1;
             if !in_sequence || stored_prev != prev_hash || stored_hash != expected {

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::SecondsFormat;
 use keel_topics::{Topic, TopicNames};
-use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
 use tokio::time::Instant;
-use uuid::Uuid;
+
+use keel_projections::audit::{AuditEntry, COLUMNS};
 
 use super::{
     cursor::Position,
@@ -24,26 +24,8 @@ pub struct Range {
     pub until_offset: i64,
 }
 
-/// Events read per query.
-pub const PAGE: i64 = 500;
-
-#[derive(sqlx::FromRow)]
-struct Row {
-    partition: i32,
-    offset: i64,
-    event_index: i32,
-    event_id: Uuid,
-    event_type: String,
-    schema_version: i32,
-    aggregate_id: Uuid,
-    aggregate_version: i64,
-    command_id: Uuid,
-    actor: String,
-    occurred_at: DateTime<Utc>,
-    correlation_id: Uuid,
-    trace_id: Option<String>,
-    payload: Value,
-}
+/// Events read per query; a client holds at most one page beside its buffer.
+pub const PAGE: i64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -96,15 +78,13 @@ pub async fn page(
     filter: &Filter,
 ) -> Result<Vec<StreamEvent>, HistoryError> {
     let types: Option<Vec<String>> = filter.types.as_ref().map(|types| types.iter().cloned().collect());
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT topic, partition, \"offset\", event_index, event_id, event_type, schema_version, aggregate_id,
-                aggregate_version, command_id, actor, occurred_at, correlation_id, trace_id, payload
-         FROM audit_log
+    let rows: Vec<AuditEntry> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM audit_log
          WHERE topic = $1 AND partition = $2 AND (\"offset\", event_index) >= ($3, $4) AND \"offset\" < $5
            AND ($6::uuid IS NULL OR aggregate_id = $6) AND ($7::text[] IS NULL OR event_type = ANY($7))
          ORDER BY \"offset\", event_index
-         LIMIT $8",
-    )
+         LIMIT $8"
+    )))
     .bind(names.name(range.topic))
     .bind(range.partition)
     .bind(range.from.offset)
@@ -115,12 +95,11 @@ pub async fn page(
     .bind(PAGE)
     .fetch_all(pool)
     .await?;
-    let topic = names.name(range.topic);
     Ok(rows
         .into_iter()
         .map(|row| {
             let json = EventView {
-                topic: &topic,
+                topic: &row.topic,
                 partition: row.partition,
                 offset: row.offset,
                 event_index: row.event_index,

@@ -12,7 +12,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -113,6 +116,28 @@ pub struct Hub {
     topic_name: String,
     partitions: i32,
     state: Mutex<State>,
+    /// False once the reading task has ended (shutdown, or a panic): the hub takes no more
+    /// subscribers and the next stream of its topic starts a new one.
+    running: AtomicBool,
+}
+
+/// Ends a hub's subscriptions when its reading task ends, however it ends: every stream then
+/// receives its final event (with its resume position) instead of silence. They are cut, as a
+/// full buffer would cut them, since a subscriber of several hubs (the audit stream) would
+/// otherwise go on without this one's events.
+struct Stopped(Arc<Hub>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let hub = &self.0;
+        hub.running.store(false, Ordering::Release);
+        let mut state = hub.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dropped = state.registrations.len();
+        for registration in state.registrations.drain(..) {
+            registration.subscriber.cut.cancel();
+        }
+        metrics::gauge!("keel_stream_subscriptions", "topic" => hub.topic.spec().base_name).decrement(dropped as f64);
+    }
 }
 
 /// What hubs need to start.
@@ -140,9 +165,11 @@ impl Hub {
             topic_name: topic_name.clone(),
             partitions,
             state: Mutex::new(State { head, registrations: Vec::new() }),
+            running: AtomicBool::new(true),
         });
         let (task_hub, context) = (hub.clone(), context.clone());
         tokio::spawn(async move {
+            let stopped = Stopped(task_hub.clone());
             let mut backoff = Duration::from_millis(200);
             while !context.shutdown.is_cancelled() {
                 let assigned = match reader.take() {
@@ -166,11 +193,7 @@ impl Hub {
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-            // At shutdown, subscribers learn it now, not by silence.
-            let mut state = task_hub.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let dropped = state.registrations.len();
-            state.registrations.clear();
-            metrics::gauge!("keel_stream_subscriptions", "topic" => topic.spec().base_name).decrement(dropped as f64);
+            drop(stopped);
         });
         Ok(hub)
     }
@@ -178,6 +201,10 @@ impl Hub {
     /// Per partition, the next offset the hub reads.
     fn head(&self) -> Vec<i64> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).head.clone()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
     }
 
     pub fn topic(&self) -> Topic {
@@ -193,8 +220,23 @@ impl Hub {
     pub fn subscribe(&self, subscriber: Subscriber, from: Vec<Position>) -> Vec<i64> {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let from = from.iter().zip(&state.head).map(|(from, head)| (*from).max(Position::at_offset(*head))).collect();
-        state.registrations.push(Registration { subscriber, from });
-        metrics::gauge!("keel_stream_subscriptions", "topic" => self.topic.spec().base_name).increment(1.0);
+        // Streams that ended since this topic's last record are let go here too, so a quiet
+        // topic does not keep them.
+        let before = state.registrations.len();
+        state.registrations.retain(|registration| {
+            !(registration.subscriber.cut.is_cancelled() || registration.subscriber.sender.is_closed())
+        });
+        let gone = before - state.registrations.len();
+        if gone > 0 {
+            metrics::gauge!("keel_stream_subscriptions", "topic" => self.topic.spec().base_name).decrement(gone as f64);
+        }
+        // A hub that stopped cuts the subscriber at once, as it cut those it had.
+        if self.is_running() {
+            state.registrations.push(Registration { subscriber, from });
+            metrics::gauge!("keel_stream_subscriptions", "topic" => self.topic.spec().base_name).increment(1.0);
+        } else {
+            subscriber.cut.cancel();
+        }
         state.head.clone()
     }
 
@@ -375,4 +417,67 @@ async fn starting_point(
     }
     transaction.commit().await?;
     Ok((head, streams))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Arc<Hub> {
+        Arc::new(Hub {
+            topic: Topic::BlogPosts,
+            topic_name: "blog.posts".into(),
+            partitions: 1,
+            state: Mutex::new(State { head: vec![0], registrations: Vec::new() }),
+            running: AtomicBool::new(true),
+        })
+    }
+
+    fn subscriber(buffer: usize) -> (Subscriber, mpsc::Receiver<Arc<StreamEvent>>) {
+        let (sender, receiver) = mpsc::channel(buffer);
+        let filter = Arc::new(Filter { aggregate: None, types: None });
+        (Subscriber { filter, sender, cut: CancellationToken::new() }, receiver)
+    }
+
+    fn event(offset: i64) -> Arc<StreamEvent> {
+        Arc::new(StreamEvent {
+            topic: Topic::BlogPosts,
+            partition: 0,
+            position: Position::at_offset(offset),
+            aggregate_id: Uuid::nil(),
+            event_type: "PostDrafted".into(),
+            json: "{}".into(),
+        })
+    }
+
+    #[test]
+    fn a_full_buffer_cuts_only_its_subscriber() {
+        let hub = hub();
+        let (slow, _slow_events) = subscriber(1);
+        let (fast, mut fast_events) = subscriber(8);
+        hub.subscribe(slow.clone(), vec![Position::START]);
+        hub.subscribe(fast.clone(), vec![Position::START]);
+        for offset in 0..3 {
+            hub.offer(0, offset, vec![event(offset)]);
+        }
+        assert!(slow.cut.is_cancelled());
+        assert!(!fast.cut.is_cancelled());
+        let offsets: Vec<i64> = std::iter::from_fn(|| fast_events.try_recv().ok()).map(|e| e.position.offset).collect();
+        assert_eq!(offsets, [0, 1, 2]);
+        assert_eq!(hub.head(), [3]);
+    }
+
+    #[test]
+    fn a_stopped_hub_cuts_its_subscribers_and_takes_no_more() {
+        let hub = hub();
+        let (before, _events) = subscriber(8);
+        hub.subscribe(before.clone(), vec![Position::START]);
+        drop(Stopped(hub.clone()));
+        assert!(!hub.is_running());
+        assert!(before.cut.is_cancelled());
+        let (after, _events) = subscriber(8);
+        hub.subscribe(after.clone(), vec![Position::START]);
+        assert!(after.cut.is_cancelled());
+        assert!(hub.state.lock().unwrap().registrations.is_empty());
+    }
 }

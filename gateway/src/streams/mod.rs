@@ -39,7 +39,7 @@ use axum::{
     },
 };
 use chrono::DateTime;
-use futures::Stream;
+use futures::FutureExt;
 use keel_topics::{Topic, kafka, partitioning};
 use rdkafka::{
     Offset, TopicPartitionList,
@@ -73,6 +73,9 @@ pub struct StreamsConfig {
     pub history_wait_ms: u64,
     /// Streams open at once on this gateway; more are refused with 503.
     pub max_clients: usize,
+    /// A client that takes nothing for this long (its connection does not drain) loses its
+    /// stream, its buffer and its place: it resumes from the last event it received.
+    pub stall_timeout_ms: u64,
 }
 
 impl StreamsConfig {
@@ -80,13 +83,14 @@ impl StreamsConfig {
         use keel_runtime::config::ensure;
         ensure(self.buffer > 0, "gateway.streams.buffer", "must be positive")?;
         ensure(self.heartbeat_secs > 0, "gateway.streams.heartbeat_secs", "must be positive")?;
-        ensure(self.max_clients > 0, "gateway.streams.max_clients", "must be positive")
+        ensure(self.max_clients > 0, "gateway.streams.max_clients", "must be positive")?;
+        ensure(self.stall_timeout_ms > 0, "gateway.streams.stall_timeout_ms", "must be positive")
     }
 }
 
 impl Default for StreamsConfig {
     fn default() -> Self {
-        Self { buffer: 256, heartbeat_secs: 15, history_wait_ms: 10_000, max_clients: 10_000 }
+        Self { buffer: 256, heartbeat_secs: 15, history_wait_ms: 10_000, max_clients: 10_000, stall_timeout_ms: 30_000 }
     }
 }
 
@@ -111,8 +115,16 @@ impl Streams {
     }
 
     async fn hub(&self, topic: Topic) -> Result<Arc<Hub>, Problem> {
-        let cell =
-            self.hubs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(topic).or_default().clone();
+        let cell = {
+            let mut hubs = self.hubs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let cell = hubs.entry(topic).or_default();
+            // A hub whose reader died (a panic) is replaced, so its topic streams again.
+            if cell.get().is_some_and(|hub| !hub.is_running()) && !self.context.shutdown.is_cancelled() {
+                tracing::warn!(%topic, "a stream hub stopped; starting a new one");
+                *cell = Arc::default();
+            }
+            cell.clone()
+        };
         cell.get_or_try_init(|| Hub::start(&self.context, topic)).await.cloned().map_err(|error| {
             tracing::error!(%topic, error = %format!("{error:#}"), "failed to start a stream hub");
             Problem::from_code(keel_proto::ErrorCode::Unavailable)
@@ -178,9 +190,14 @@ impl Start {
             _ if text.starts_with("c1.") => Cursor::decode(text)
                 .map(Self::Cursor)
                 .ok_or_else(|| Problem::bad_request("`from` / `Last-Event-ID` is not a cursor of a stream")),
-            _ => DateTime::parse_from_rfc3339(text).map(|time| Self::Time(time.timestamp_millis())).map_err(|_| {
-                Problem::bad_request("`from` must be latest, earliest, an RFC 3339 time or a stream's cursor")
-            }),
+            _ => match DateTime::parse_from_rfc3339(text).map(|time| time.timestamp_millis()) {
+                // Kafka's log times start at the epoch (negative numbers are special offsets).
+                Ok(millis) if millis >= 0 => Ok(Self::Time(millis)),
+                Ok(_) => Err(Problem::bad_request("`from` must not be before 1970")),
+                Err(_) => {
+                    Err(Problem::bad_request("`from` must be latest, earliest, an RFC 3339 time or a stream's cursor"))
+                }
+            },
         }
     }
 }
@@ -257,16 +274,13 @@ async fn open(
     let Caller::User { id: user, session, expires_at } = caller else {
         return Err(Problem::from_code(keel_proto::ErrorCode::Unauthenticated));
     };
-    let permitted = match (alias.as_str(), aggregate) {
-        ("audit", None) => state.security.permissions.check(user, "audit:read", None).await?,
+    let permission = match (alias.as_str(), aggregate) {
+        ("audit", None) => ("audit:read", None),
         ("audit", Some(_)) => return Err(Problem::not_found("the audit stream has no aggregates")),
-        (_, None) => state.security.permissions.check(user, "streams:read", None).await?,
-        (_, Some(id)) => {
-            let owner = owner(&state, &alias, id).await?;
-            state.security.permissions.check(user, "streams:read", owner).await?
-        }
+        (_, None) => ("streams:read", None),
+        (_, Some(id)) => ("streams:read", owner(&state, &alias, id).await?),
     };
-    if permitted != Decision::Allow {
+    if state.security.permissions.check(user, permission.0, permission.1).await? != Decision::Allow {
         return Err(Problem::from_code(keel_proto::ErrorCode::PermissionDenied).detail("you may not watch this stream"));
     }
     let filter = Arc::new(Filter {
@@ -339,6 +353,7 @@ async fn open(
         access: Access {
             user,
             session,
+            permission,
             expires: tokio::time::Instant::now() + token_left,
             recheck: tokio::time::interval_at(tokio::time::Instant::now() + ACCESS_RECHECK, ACCESS_RECHECK),
         },
@@ -349,11 +364,20 @@ async fn open(
         receiver,
         cut: subscriber.cut,
         shutdown: state.streams.context.shutdown.clone(),
+        announced: false,
         done: false,
         _guard: guard,
     };
+    // The feed runs on its own, so it ends (a token expiring, a session ending, shutdown, a
+    // client that takes nothing) even while the connection cannot be written to.
+    let (events, body) = mpsc::channel(1);
+    tokio::spawn(feed.pump(events, Duration::from_millis(streams.config.stall_timeout_ms)));
+    let body = futures::stream::unfold(body, |mut body| async move {
+        let event = body.recv().await?;
+        Some((Ok::<_, Infallible>(event), body))
+    });
     let heartbeat = Duration::from_secs(streams.config.heartbeat_secs.max(1));
-    let mut response = Sse::new(feed.into_stream()).keep_alive(KeepAlive::new().interval(heartbeat)).into_response();
+    let mut response = Sse::new(body).keep_alive(KeepAlive::new().interval(heartbeat)).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Proxies that buffer would hold events back.
@@ -395,26 +419,38 @@ impl Drop for ClientGuard {
     }
 }
 
-/// How often an open stream checks that its session and user are still active: logging out or
-/// being deactivated ends it within this (plus the status cache's lifetime).
+/// How often an open stream checks that its session and user are still active and that it may
+/// still be watched: logging out, being deactivated or losing the permission ends it within this
+/// (plus the caches' lifetimes, should their invalidations be lost).
 const ACCESS_RECHECK: Duration = Duration::from_secs(5);
 
-/// Who a stream is for; it ends when their token expires or their session ends.
+/// Who a stream is for; it ends when their token expires, their session ends, or they lose the
+/// permission it needs.
 struct Access {
     user: Uuid,
     session: Uuid,
+    /// The action and owner the stream was allowed for.
+    permission: (&'static str, Option<Uuid>),
     expires: tokio::time::Instant,
     recheck: tokio::time::Interval,
 }
 
 impl Access {
-    /// Whether the session and the user are still active (`true` while that cannot be read: the
-    /// token was valid, and a database hiccup should not drop every stream).
-    async fn still_valid(&self, state: &AppState) -> bool {
+    /// Why the stream must end now, if it must: the session or the user is no longer active, or
+    /// the permission was taken away. What cannot be read now counts as unchanged: the stream
+    /// was allowed, and a database or authz hiccup should not drop every stream.
+    async fn withdrawn(&self, state: &AppState) -> Option<&'static str> {
         let status = &state.security.status;
-        let revoked = status.session_revoked(self.session).await.unwrap_or(false);
-        let active = status.user_active(self.user).await.unwrap_or(true);
-        !revoked && active
+        if status.session_revoked(self.session).await.unwrap_or(false)
+            || !status.user_active(self.user).await.unwrap_or(true)
+        {
+            return Some("the session ended");
+        }
+        let (action, owner) = self.permission;
+        match state.security.permissions.check(self.user, action, owner).await {
+            Ok(Decision::Allow) | Err(_) => None,
+            Ok(_) => Some("you may no longer watch this stream"),
+        }
     }
 }
 
@@ -429,6 +465,9 @@ struct Feed {
     receiver: mpsc::Receiver<Arc<StreamEvent>>,
     cut: CancellationToken,
     shutdown: CancellationToken,
+    /// Whether the starting cursor was sent (an event with only an `id`), so that a client that
+    /// loses its connection before the first event resumes from where it started.
+    announced: bool,
     done: bool,
     _guard: ClientGuard,
 }
@@ -440,11 +479,47 @@ struct Final<'a> {
 }
 
 impl Feed {
-    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> + Send {
-        futures::stream::unfold(self, |mut feed| async move {
-            let event = feed.next().await?;
-            Some((Ok(event), feed))
-        })
+    /// Hands the feed's events to the connection until the feed ends, the client leaves, or the
+    /// connection takes nothing for `stall`.
+    async fn pump(mut self, out: mpsc::Sender<Event>, stall: Duration) {
+        loop {
+            // A client that left is let go at once, even on a quiet stream.
+            let event = tokio::select! {
+                event = self.next() => event,
+                () = out.closed() => return,
+            };
+            let Some(event) = event else { return };
+            // Sending first: a final event made because of shutdown or expiry still goes out
+            // when the connection takes it; only a connection that does not is given up.
+            tokio::select! {
+                biased;
+                sent = out.send(event) => if sent.is_err() { return },
+                () = tokio::time::sleep(stall) => {
+                    metrics::counter!("keel_stream_stalled_total").increment(1);
+                    tracing::info!(user = %self.access.user, "a stream client took nothing for too long; dropped");
+                    return;
+                }
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(self.access.expires) => return,
+            }
+        }
+    }
+
+    /// The final event due now, if any, without waiting: for the history phase, which reads
+    /// from the database rather than waiting on the hub.
+    async fn due_end(&mut self) -> Option<Event> {
+        if self.shutdown.is_cancelled() {
+            return Some(self.last("end", "the gateway is shutting down; resume elsewhere"));
+        }
+        if tokio::time::Instant::now() >= self.access.expires {
+            return Some(self.last("end", "the access token expired; resume with a fresh one"));
+        }
+        if self.access.recheck.tick().now_or_never().is_some()
+            && let Some(reason) = self.access.withdrawn(&self.state).await
+        {
+            return Some(self.last("end", reason));
+        }
+        None
     }
 
     /// The SSE event of a stream event, its `id` the cursor after it; `None` for one already
@@ -469,7 +544,16 @@ impl Feed {
         if self.done {
             return None;
         }
+        if !self.announced {
+            self.announced = true;
+            return Some(Event::default().id(self.cursor.encode()));
+        }
         loop {
+            if (!self.buffered.is_empty() || !self.ranges.is_empty())
+                && let Some(end) = self.due_end().await
+            {
+                return Some(end);
+            }
             if let Some(event) = self.buffered.pop_front() {
                 if let Some(sse) = self.deliver(&event) {
                     return Some(sse);
@@ -501,8 +585,8 @@ impl Feed {
                     return Some(self.last("end", "the access token expired; resume with a fresh one"));
                 }
                 _ = self.access.recheck.tick() => {
-                    if !self.access.still_valid(&self.state).await {
-                        return Some(self.last("end", "the session ended"));
+                    if let Some(reason) = self.access.withdrawn(&self.state).await {
+                        return Some(self.last("end", reason));
                     }
                     continue;
                 }
