@@ -104,6 +104,13 @@ struct Registration {
     from: Vec<Position>,
 }
 
+impl Registration {
+    /// Whether its stream is over: cut off, or the client left.
+    fn ended(&self) -> bool {
+        self.subscriber.cut.is_cancelled() || self.subscriber.sender.is_closed()
+    }
+}
+
 struct State {
     /// Per partition, the next offset the hub reads.
     head: Vec<i64>,
@@ -136,7 +143,7 @@ impl Drop for Stopped {
         for registration in state.registrations.drain(..) {
             registration.subscriber.cut.cancel();
         }
-        metrics::gauge!("keel_stream_subscriptions", "topic" => hub.topic.spec().base_name).decrement(dropped as f64);
+        hub.count_subscriptions(-(dropped as f64));
     }
 }
 
@@ -169,7 +176,8 @@ impl Hub {
         });
         let (task_hub, context) = (hub.clone(), context.clone());
         tokio::spawn(async move {
-            let stopped = Stopped(task_hub.clone());
+            // Ends the subscriptions however the task ends, a panic included.
+            let _stopped = Stopped(task_hub.clone());
             let mut backoff = Duration::from_millis(200);
             while !context.shutdown.is_cancelled() {
                 let assigned = match reader.take() {
@@ -193,7 +201,6 @@ impl Hub {
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-            drop(stopped);
         });
         Ok(hub)
     }
@@ -201,6 +208,13 @@ impl Hub {
     /// Per partition, the next offset the hub reads.
     fn head(&self) -> Vec<i64> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).head.clone()
+    }
+
+    /// Moves `keel_stream_subscriptions` of this hub's topic by `change`.
+    fn count_subscriptions(&self, change: f64) {
+        if change != 0.0 {
+            metrics::gauge!("keel_stream_subscriptions", "topic" => self.topic.spec().base_name).increment(change);
+        }
     }
 
     pub fn is_running(&self) -> bool {
@@ -223,17 +237,12 @@ impl Hub {
         // Streams that ended since this topic's last record are let go here too, so a quiet
         // topic does not keep them.
         let before = state.registrations.len();
-        state.registrations.retain(|registration| {
-            !(registration.subscriber.cut.is_cancelled() || registration.subscriber.sender.is_closed())
-        });
-        let gone = before - state.registrations.len();
-        if gone > 0 {
-            metrics::gauge!("keel_stream_subscriptions", "topic" => self.topic.spec().base_name).decrement(gone as f64);
-        }
+        state.registrations.retain(|registration| !registration.ended());
+        self.count_subscriptions(-((before - state.registrations.len()) as f64));
         // A hub that stopped cuts the subscriber at once, as it cut those it had.
         if self.is_running() {
             state.registrations.push(Registration { subscriber, from });
-            metrics::gauge!("keel_stream_subscriptions", "topic" => self.topic.spec().base_name).increment(1.0);
+            self.count_subscriptions(1.0);
         } else {
             subscriber.cut.cancel();
         }
@@ -336,10 +345,10 @@ impl Hub {
         state.head[partition as usize] = offset + 1;
         let before = state.registrations.len();
         state.registrations.retain(|registration| {
-            let subscriber = &registration.subscriber;
-            if subscriber.cut.is_cancelled() || subscriber.sender.is_closed() {
+            if registration.ended() {
                 return false;
             }
+            let subscriber = &registration.subscriber;
             for event in &events {
                 if event.position < registration.from[partition as usize]
                     || !subscriber.filter.wants(event.aggregate_id, &event.event_type)
@@ -358,11 +367,7 @@ impl Hub {
             }
             true
         });
-        let dropped = before - state.registrations.len();
-        if dropped > 0 {
-            metrics::gauge!("keel_stream_subscriptions", "topic" => self.topic.spec().base_name)
-                .decrement(dropped as f64);
-        }
+        self.count_subscriptions(-((before - state.registrations.len()) as f64));
         if !events.is_empty() {
             metrics::counter!("keel_stream_events_total", "topic" => self.topic.spec().base_name)
                 .increment(events.len() as u64);

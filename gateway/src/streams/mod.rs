@@ -424,6 +424,11 @@ impl Drop for ClientGuard {
 /// (plus the caches' lifetimes, should their invalidations be lost).
 const ACCESS_RECHECK: Duration = Duration::from_secs(5);
 
+/// Why a stream ends at shutdown, and when its token expires (checked while waiting on the
+/// hub, and between history events).
+const SHUTTING_DOWN: &str = "the gateway is shutting down; resume elsewhere";
+const TOKEN_EXPIRED: &str = "the access token expired; resume with a fresh one";
+
 /// Who a stream is for; it ends when their token expires, their session ends, or they lose the
 /// permission it needs.
 struct Access {
@@ -509,10 +514,10 @@ impl Feed {
     /// from the database rather than waiting on the hub.
     async fn due_end(&mut self) -> Option<Event> {
         if self.shutdown.is_cancelled() {
-            return Some(self.last("end", "the gateway is shutting down; resume elsewhere"));
+            return Some(self.last("end", SHUTTING_DOWN));
         }
         if tokio::time::Instant::now() >= self.access.expires {
-            return Some(self.last("end", "the access token expired; resume with a fresh one"));
+            return Some(self.last("end", TOKEN_EXPIRED));
         }
         if self.access.recheck.tick().now_or_never().is_some()
             && let Some(reason) = self.access.withdrawn(&self.state).await
@@ -531,6 +536,12 @@ impl Feed {
         self.cursor.advance(event.topic, event.partition, event.position);
         metrics::counter!("keel_stream_events_delivered_total").increment(1);
         Some(Event::default().id(self.cursor.encode()).data(&event.json))
+    }
+
+    /// The final event of a client a hub cut off.
+    fn lagged(&mut self) -> Event {
+        metrics::counter!("keel_stream_lagged_total").increment(1);
+        self.last("lagged", "the client fell behind; resume from here")
     }
 
     fn last(&mut self, name: &str, reason: &str) -> Event {
@@ -580,9 +591,9 @@ impl Feed {
             }
             let event = tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => return Some(self.last("end", "the gateway is shutting down; resume elsewhere")),
+                () = self.shutdown.cancelled() => return Some(self.last("end", SHUTTING_DOWN)),
                 () = tokio::time::sleep_until(self.access.expires) => {
-                    return Some(self.last("end", "the access token expired; resume with a fresh one"));
+                    return Some(self.last("end", TOKEN_EXPIRED));
                 }
                 _ = self.access.recheck.tick() => {
                     if let Some(reason) = self.access.withdrawn(&self.state).await {
@@ -593,10 +604,7 @@ impl Feed {
                 event = self.receiver.recv() => event,
                 () = self.cut.cancelled() => match self.receiver.try_recv() {
                     Ok(event) => Some(event),
-                    Err(_) => {
-                        metrics::counter!("keel_stream_lagged_total").increment(1);
-                        return Some(self.last("lagged", "the client fell behind; resume from here"));
-                    }
+                    Err(_) => return Some(self.lagged()),
                 },
             };
             match event {
@@ -605,10 +613,7 @@ impl Feed {
                         return Some(sse);
                     }
                 }
-                None if self.cut.is_cancelled() => {
-                    metrics::counter!("keel_stream_lagged_total").increment(1);
-                    return Some(self.last("lagged", "the client fell behind; resume from here"));
-                }
+                None if self.cut.is_cancelled() => return Some(self.lagged()),
                 None => return Some(self.last("end", "the stream's source stopped; resume")),
             }
         }
