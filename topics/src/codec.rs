@@ -30,12 +30,15 @@ pub enum CodecError {
     /// The keys of sealed fields cannot be had now (the key store is down, or misconfigured).
     #[error("personal data keys: {0}")]
     Keys(String),
+    /// Written by a newer version of Keel than this one: readers wait for one that reads it.
+    #[error("{0}")]
+    TooNew(String),
 }
 
 impl CodecError {
     /// Whether trying again later may succeed (the registry was unreachable, …).
     pub fn is_retriable(&self) -> bool {
-        matches!(self, Self::Registry { retriable: true, .. } | Self::Keys(_))
+        matches!(self, Self::Registry { retriable: true, .. } | Self::Keys(_) | Self::TooNew(_))
     }
 }
 

@@ -4,7 +4,7 @@
 
 use rdkafka::message::Message;
 
-use crate::{CodecError, CommitHeader, Decoded, SchemaRegistryCodec, Topic};
+use crate::{CodecError, CommitHeader, Decoded, EnvelopeError, SchemaRegistryCodec, Topic};
 
 /// A record as every reader sees it.
 pub enum Record {
@@ -19,11 +19,13 @@ pub enum Record {
 }
 
 /// Reads `message`, a record of `topic`. `Err` only for failures worth retrying (the schema
-/// registry cannot answer), never for a bad record.
+/// registry cannot answer, or a newer version of Keel wrote it), never for a bad record.
 pub async fn read(codec: &SchemaRegistryCodec, topic: Topic, message: &impl Message) -> Result<Record, CodecError> {
     let unreadable = |reason: String| Ok(Record::Unreadable { reason });
     let header = match message.headers().map(CommitHeader::from_headers) {
         Some(Ok(header)) => header,
+        // Written by a newer Keel: wait for a reader that knows it, skip it never.
+        Some(Err(error @ EnvelopeError::TooNew(_))) => return Err(CodecError::TooNew(error.to_string())),
         Some(Err(error)) => return unreadable(error.to_string()),
         None => return unreadable("no headers".into()),
     };
