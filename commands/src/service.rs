@@ -6,11 +6,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use keel_runtime::{ConfigError, Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure};
-use keel_topics::{SchemaRegistryCodec, TopicNames, kafka};
+use keel_topics::{SchemaRegistryCodec, TopicNames, kafka, wakeups::Announcer};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-use crate::engine::{Engine, EngineCheck, Model, Ownership, Settings};
+use crate::engine::{CommitProducers, Engine, EngineCheck, EngineContext, Model, Ownership, Settings};
 
 /// Defines a command service's configuration section: the settings every service has, then its
 /// own. (serde cannot flatten a shared struct into one that refuses unknown keys.)
@@ -40,6 +40,8 @@ macro_rules! command_service_config {
             pub command_timeout_ms: u64,
             /// Records applied between two snapshots of a partition.
             pub snapshot_every: u64,
+            /// Producers (broker connections) the instance's partitions spread over.
+            pub producers: usize,
             /// Test-only: write every partition whatever the group says, beside the real owners
             /// (a zombie). Never set it in production.
             pub unsafe_ignore_ownership: bool,
@@ -56,6 +58,7 @@ macro_rules! command_service_config {
                     max_batch: 256,
                     command_timeout_ms: 10_000,
                     snapshot_every: 1000,
+                    producers: 1,
                     unsafe_ignore_ownership: false,
                     $( $field: $default, )*
                 }
@@ -73,6 +76,7 @@ macro_rules! command_service_config {
                     max_batch: self.max_batch,
                     command_timeout_ms: self.command_timeout_ms,
                     snapshot_every: self.snapshot_every,
+                    producers: self.producers,
                     unsafe_ignore_ownership: self.unsafe_ignore_ownership,
                 }
             }
@@ -90,6 +94,7 @@ pub struct ServiceSettings {
     pub max_batch: usize,
     pub command_timeout_ms: u64,
     pub snapshot_every: u64,
+    pub producers: usize,
     pub unsafe_ignore_ownership: bool,
 }
 
@@ -101,6 +106,7 @@ impl ServiceSettings {
         ensure(self.max_batch > 0, &path("max_batch"), "must be positive")?;
         ensure(self.command_timeout_ms > 0, &path("command_timeout_ms"), "must be positive")?;
         ensure(self.snapshot_every > 0, &path("snapshot_every"), "must be positive")?;
+        ensure((1..=64).contains(&self.producers), &path("producers"), "must be between 1 and 64")?;
         ensure(
             self.advertised_endpoint.as_ref().is_none_or(|endpoint| endpoint.parse::<http::Uri>().is_ok()),
             &path("advertised_endpoint"),
@@ -136,11 +142,9 @@ impl ServiceSettings {
 pub struct ServiceBuilder<'a> {
     name: &'static str,
     settings: ServiceSettings,
-    kafka: KafkaConfig,
     names: TopicNames,
-    codec: SchemaRegistryCodec,
-    pool: PgPool,
-    endpoint: String,
+    /// What the service's engines share.
+    context: EngineContext,
     lifecycle: &'a mut Lifecycle,
     checks: Vec<Arc<dyn ReadinessCheck>>,
     grpc_listener: TcpListener,
@@ -159,24 +163,23 @@ impl<'a> ServiceBuilder<'a> {
     ) -> anyhow::Result<Self> {
         let names = TopicNames::new(kafka.topic_prefix.clone());
         let endpoint = settings.endpoint(name, grpc_listener.local_addr()?)?;
-        let codec = SchemaRegistryCodec::new(registry_url, names.clone())?;
         let checks: Vec<Arc<dyn ReadinessCheck>> = vec![Arc::new(kafka::BrokerCheck::new(kafka)?)];
-        Ok(Self {
-            name,
-            settings,
+        let announcer = Announcer::default();
+        lifecycle.spawn(format!("{name} log announcements"), announcer.clone().run(pool.clone(), lifecycle.token()));
+        let context = EngineContext {
             kafka: kafka.clone(),
-            names,
-            codec,
+            codec: SchemaRegistryCodec::new(registry_url, names.clone())?,
             pool,
             endpoint,
-            lifecycle,
-            checks,
-            grpc_listener,
-        })
+            settings: settings.engine_settings(),
+            announcer,
+            producers: Arc::new(CommitProducers::new(kafka, settings.producers)?),
+        };
+        Ok(Self { name, settings, names, context, lifecycle, checks, grpc_listener })
     }
 
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        &self.context.pool
     }
 
     pub fn lifecycle(&mut self) -> &mut Lifecycle {
@@ -192,17 +195,9 @@ impl<'a> ServiceBuilder<'a> {
     pub async fn engine<M: Model>(&mut self, model: M) -> anyhow::Result<Arc<Engine<M>>> {
         let topic = self.names.name(M::TOPIC);
         let engine = Arc::new(
-            Engine::new(
-                model,
-                &self.kafka,
-                topic.clone(),
-                self.codec.clone(),
-                self.pool.clone(),
-                self.endpoint.clone(),
-                self.settings.engine_settings(),
-            )
-            .await
-            .with_context(|| format!("failed to start the write path of {topic}"))?,
+            Engine::new(model, &self.context, topic.clone())
+                .await
+                .with_context(|| format!("failed to start the write path of {topic}"))?,
         );
         self.checks.push(Arc::new(EngineCheck(engine.clone())));
         let ownership = if self.settings.unsafe_ignore_ownership { Ownership::UnsafeAll } else { Ownership::Group };

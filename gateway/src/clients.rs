@@ -18,7 +18,11 @@ use std::{
 };
 
 use anyhow::Context;
+use keel_topics::Topic;
 use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::owners::Owners;
 use tonic::{
     Code, Status,
     transport::{Channel, Endpoint},
@@ -58,6 +62,8 @@ pub struct ServiceClient {
     budget: Duration,
     /// The clock of `broken_at`.
     epoch: Instant,
+    /// Where each partition's writer is, for calls about one aggregate.
+    owners: Option<Owners>,
 }
 
 impl ServiceClient {
@@ -85,7 +91,14 @@ impl ServiceClient {
             next: Arc::new(AtomicUsize::new(0)),
             budget,
             epoch: Instant::now(),
+            owners: None,
         })
+    }
+
+    /// Sends calls about one aggregate ([`Self::send_to`]) to its partition's writer first.
+    pub fn with_owners(mut self, owners: Owners) -> Self {
+        self.owners = Some(owners);
+        self
     }
 
     /// Every instance, in configuration order.
@@ -106,7 +119,31 @@ impl ServiceClient {
         Call: Fn(Channel, tonic::Request<Req>) -> Reply,
         Reply: Future<Output = Result<tonic::Response<Answer>, Status>>,
     {
-        let start = self.start();
+        self.send_to(rpc, None, request, call).await
+    }
+
+    /// [`Self::send`] for a call about the aggregate `route` names: it goes to the writer of the
+    /// aggregate's partition first, so it is decided there without a forwarding hop.
+    pub async fn send_to<Req, Call, Reply, Answer>(
+        &self,
+        rpc: &'static str,
+        route: Option<(Topic, Uuid)>,
+        request: Req,
+        call: Call,
+    ) -> Result<Answer, Status>
+    where
+        Req: Clone,
+        Call: Fn(Channel, tonic::Request<Req>) -> Reply,
+        Reply: Future<Output = Result<tonic::Response<Answer>, Status>>,
+    {
+        let owner = route.and_then(|(topic, aggregate)| self.owners.as_ref()?.of(topic, aggregate));
+        let start = match owner.and_then(|owner| self.endpoints.iter().position(|endpoint| endpoint.url == owner)) {
+            Some(index) => {
+                metrics::counter!("keel_gateway_routed_calls_total", "service" => self.service).increment(1);
+                index
+            }
+            None => self.start(),
+        };
         let attempt = |endpoint: &ServiceEndpoint, remaining: Duration| {
             let mut request = tonic::Request::new(request.clone());
             // The service stops working on an attempt the gateway no longer waits for.

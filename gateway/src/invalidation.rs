@@ -2,12 +2,14 @@
 //!
 //! Each projection batch announces itself on the PostgreSQL channel `keel_projections` in its
 //! own transaction, so the notification arrives only once the batch is committed and readable.
-//! The gateway listens and drops the caches fed by that projection. A lost connection may have
-//! lost notifications: after reconnecting, every cache is dropped.
+//! The gateway hears it (through its [`Notifications`](keel_runtime::notifications::Notifications))
+//! and drops the caches fed by that projection. A lost connection may have lost notifications:
+//! after reconnecting, every cache is dropped.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use sqlx::{PgPool, postgres::PgListener};
+use keel_runtime::notifications::Notice;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::{cache::QueryCache, security::Security};
@@ -19,55 +21,73 @@ pub struct Caches {
 }
 
 impl Caches {
+    /// A batch of `projection` committed. Account statuses are dropped by their own notices.
     fn forget(&self, projection: &str) {
         match projection {
-            "users" => {
-                self.security.status.forget_users();
-                // Author names in post lists come from users.
-                self.posts.invalidate();
-            }
-            "sessions" => self.security.status.forget_sessions(),
+            // Author names in post lists come from users.
+            "users" | "blog" => self.posts.invalidate(),
             "authz" => self.security.permissions.forget(),
-            "blog" => self.posts.invalidate(),
             _ => {}
         }
     }
 
+    /// A batch changed the status of the accounts `changed` lists (see
+    /// [`keel_topics::STATUS_CHANNEL`]).
+    async fn forget_status(&self, changed: &str) {
+        let status = &self.security.status;
+        let mut words = changed.split(' ');
+        while let (Some(kind), Some(id)) = (words.next(), words.next()) {
+            match (kind, id.parse()) {
+                ("user", Ok(id)) => status.forget_user(id).await,
+                ("session", Ok(id)) => status.forget_session(id).await,
+                ("sessions", _) => status.forget_sessions(),
+                // `users *`, or anything this gateway cannot read: drop more rather than less.
+                _ => {
+                    status.forget_users();
+                    status.forget_sessions();
+                }
+            }
+        }
+    }
+
     fn forget_all(&self) {
-        for projection in ["users", "sessions", "authz", "blog"] {
+        for projection in ["users", "authz", "blog"] {
             self.forget(projection);
         }
+        self.security.status.forget_users();
+        self.security.status.forget_sessions();
     }
 }
 
-/// Listens until shutdown, reconnecting with backoff.
-pub async fn run(pool: PgPool, caches: Caches, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let outcome = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            outcome = listen(&pool, &caches) => outcome,
-        };
-        caches.forget_all();
-        if let Err(error) = outcome {
-            tracing::warn!(%error, "lost the projection notifications; caches dropped, reconnecting");
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-async fn listen(pool: &PgPool, caches: &Caches) -> Result<(), sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(keel_topics::APPLIED_CHANNEL).await?;
+/// Drops caches as projections announce batches (`batches`) and status changes (`statuses`),
+/// until shutdown. A notice that notifications may have been missed drops every cache.
+pub async fn run(
+    mut batches: broadcast::Receiver<Notice>,
+    mut statuses: broadcast::Receiver<Notice>,
+    caches: Caches,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Anything that changed before listening is not cached any more either.
     caches.forget_all();
     loop {
-        let notification = listener.recv().await?;
-        metrics::counter!("keel_gateway_cache_invalidations_total").increment(1);
-        caches.forget(notification.payload());
+        let (notice, of_statuses) = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            notice = batches.recv() => (notice, false),
+            notice = statuses.recv() => (notice, true),
+        };
+        match notice {
+            Ok(Notice::Payload(payload)) => {
+                metrics::counter!("keel_gateway_cache_invalidations_total").increment(1);
+                if of_statuses {
+                    caches.forget_status(&payload).await;
+                } else {
+                    caches.forget(&payload);
+                }
+            }
+            Ok(Notice::Missed) | Err(broadcast::error::RecvError::Lagged(_)) => caches.forget_all(),
+            Err(broadcast::error::RecvError::Closed) => {
+                anyhow::bail!("the gateway stopped hearing projection notifications")
+            }
+        }
     }
 }

@@ -17,6 +17,7 @@ mod idempotency;
 mod invalidation;
 mod observe;
 pub mod openapi;
+mod owners;
 mod pagination;
 mod posts;
 mod precondition;
@@ -40,7 +41,10 @@ use anyhow::Context;
 use axum::{Router, extract::DefaultBodyLimit};
 use keel_projections::Projection;
 use keel_proto::token::Expectations;
-use keel_runtime::{Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure, postgres::DatabaseCheck};
+use keel_runtime::{
+    Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure, notifications::Notifications,
+    postgres::DatabaseCheck,
+};
 use keel_topics::{SchemaRegistryCodec, TopicNames};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -72,6 +76,8 @@ pub struct TokenConfig {
     /// token of a deactivated user or an ended session still works here if a notification is
     /// lost. Normally they stop within the projection's lag.
     pub status_cache_ms: u64,
+    /// Memory for the claims of tokens already verified, so a token's signature is checked once.
+    pub verified_cache_bytes: u64,
 }
 
 impl Default for TokenConfig {
@@ -82,6 +88,7 @@ impl Default for TokenConfig {
             leeway_secs: 30,
             jwks_refresh_secs: 30,
             status_cache_ms: 5_000,
+            verified_cache_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -141,6 +148,10 @@ pub struct GatewayConfig {
     pub auth_endpoints: Vec<String>,
     pub authz_endpoints: Vec<String>,
     pub blog_endpoints: Vec<String>,
+    /// Send each command about one aggregate straight to the instance that writes its partition
+    /// (known from `command_owners`). `false`: to any instance in turn, which forwards it to the
+    /// owner (one hop more; kept to exercise forwarding).
+    pub route_commands_to_owners: bool,
     /// Larger request bodies are refused with 413.
     pub max_body_bytes: usize,
     /// How long a command route waits for its command service, retries on other instances
@@ -168,6 +179,7 @@ impl Default for GatewayConfig {
             auth_endpoints: vec!["http://127.0.0.1:50061".into()],
             authz_endpoints: vec!["http://127.0.0.1:50071".into()],
             blog_endpoints: vec!["http://127.0.0.1:50081".into()],
+            route_commands_to_owners: true,
             max_body_bytes: 64 * 1024,
             command_timeout_ms: 15_000,
             consistency_timeout_ms: 3_000,
@@ -380,6 +392,8 @@ pub struct Sources {
     pub kafka: KafkaConfig,
     pub registry_url: String,
     pub projections: Vec<Arc<dyn Projection>>,
+    /// Heard on one connection: projection batches (caches) and appended records (streams).
+    pub notifications: Notifications,
 }
 
 pub async fn start(
@@ -392,10 +406,22 @@ pub async fn start(
     let names = TopicNames::new(sources.kafka.topic_prefix.clone());
     let budget = Duration::from_millis(config.command_timeout_ms);
     let client = |service, urls: &[String]| ServiceClient::new(service, urls, budget);
+    let owners = config.route_commands_to_owners.then(|| owners::Owners::new(names.clone()));
+    let client = |service, urls: &[String]| -> anyhow::Result<ServiceClient> {
+        let client = client(service, urls)?;
+        Ok(match &owners {
+            Some(owners) => client.with_owners(owners.clone()),
+            None => client,
+        })
+    };
     let identity = client("identity", &config.identity_endpoints)?;
     let auth = client("auth", &config.auth_endpoints)?;
     let authz = client("authz", &config.authz_endpoints)?;
     let blog = client("blog", &config.blog_endpoints)?;
+    if let Some(owners) = owners {
+        let notices = sources.notifications.subscribe(owners::CHANNEL);
+        lifecycle.spawn("gateway partition owners", owners.follow(pool.clone(), notices, lifecycle.token()));
+    }
     let redis = if config.rate_limit.redis_url.is_empty() {
         tracing::info!("no rate limit store configured: each gateway limits on its own");
         None
@@ -414,7 +440,7 @@ pub async fn start(
         audience: config.auth.audience.clone(),
         leeway_secs: config.auth.leeway_secs,
     };
-    let tokens = Arc::new(TokenVerifier::new(auth.clone(), expectations));
+    let tokens = Arc::new(TokenVerifier::new(auth.clone(), expectations, config.auth.verified_cache_bytes));
     let security = Arc::new(Security {
         limiter: RateLimiter::new(redis, &config.rate_limit.key_prefix),
         tokens: tokens.clone(),
@@ -437,13 +463,16 @@ pub async fn start(
     lifecycle
         .spawn("gateway token keys", tokens.run(Duration::from_secs(config.auth.jwks_refresh_secs), lifecycle.token()));
     let caches = invalidation::Caches { security: security.clone(), posts: posts_cache.clone() };
-    lifecycle.spawn("gateway cache invalidation", invalidation::run(pool.clone(), caches, lifecycle.token()));
+    let batches = sources.notifications.subscribe(keel_topics::APPLIED_CHANNEL);
+    let statuses = sources.notifications.subscribe(keel_topics::STATUS_CHANNEL);
+    lifecycle.spawn("gateway cache invalidation", invalidation::run(batches, statuses, caches, lifecycle.token()));
     let hubs = HubContext {
         codec: SchemaRegistryCodec::new(&sources.registry_url, names.clone())?,
         kafka: sources.kafka,
         names: names.clone(),
         pool: pool.clone(),
         shutdown: lifecycle.token(),
+        notifications: sources.notifications,
     };
     let streams = Arc::new(Streams::new(hubs, config.streams.clone())?);
     let state = AppState {

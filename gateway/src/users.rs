@@ -107,9 +107,12 @@ pub(crate) async fn register(
     };
     let reply = state
         .identity
-        .send("RegisterUser", request, |channel, request| async move {
-            IdentityCommandsClient::new(channel).register_user(request).await
-        })
+        .send_to(
+            "RegisterUser",
+            Some((Topic::IdentityUsers, user_id.as_uuid())),
+            request,
+            |channel, request| async move { IdentityCommandsClient::new(channel).register_user(request).await },
+        )
         .await
         .map_err(|status| rejected("register", &status))?;
     if reply.position.is_none() && !reply.replayed {
@@ -140,7 +143,7 @@ pub(crate) async fn update_profile(
     };
     let reply = state
         .identity
-        .send("UpdateProfile", request, |channel, request| async move {
+        .send_to("UpdateProfile", Some((Topic::IdentityUsers, id)), request, |channel, request| async move {
             IdentityCommandsClient::new(channel).update_profile(request).await
         })
         .await
@@ -167,7 +170,7 @@ pub(crate) async fn change_email(
     };
     let reply = state
         .identity
-        .send("ChangeEmail", request, |channel, request| async move {
+        .send_to("ChangeEmail", Some((Topic::IdentityUsers, id)), request, |channel, request| async move {
             IdentityCommandsClient::new(channel).change_email(request).await
         })
         .await
@@ -192,7 +195,7 @@ pub(crate) async fn deactivate(
     };
     let reply = state
         .identity
-        .send("Deactivate", request, |channel, request| async move {
+        .send_to("Deactivate", Some((Topic::IdentityUsers, id)), request, |channel, request| async move {
             IdentityCommandsClient::new(channel).deactivate(request).await
         })
         .await
@@ -219,7 +222,7 @@ pub(crate) async fn erase(
     };
     let reply = state
         .identity
-        .send("ErasePersonalData", request, |channel, request| async move {
+        .send_to("ErasePersonalData", Some((Topic::IdentityUsers, id)), request, |channel, request| async move {
             IdentityCommandsClient::new(channel).erase_personal_data(request).await
         })
         .await

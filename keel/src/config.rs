@@ -68,7 +68,7 @@ impl Default for RegistryConfig {
 impl KeelConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         ensure(self.shutdown.grace_period_ms > 0, "shutdown.grace_period_ms", "must be positive")?;
-        ensure(self.database.max_connections > 0, "database.max_connections", "must be positive")?;
+        ensure(self.database.max_connections != Some(0), "database.max_connections", "must be positive")?;
         ensure(!self.kafka.bootstrap_servers.trim().is_empty(), "kafka.bootstrap_servers", "must not be empty")?;
         ensure(self.topics.replication_factor > 0, "topics.replication_factor", "must be positive")?;
         ensure(self.schema_registry.url.starts_with("http"), "schema_registry.url", "must be an http(s) URL")?;

@@ -67,13 +67,14 @@ fn projection(projector: &Projector, name: &str) -> anyhow::Result<std::sync::Ar
 }
 
 pub async fn run(args: ProjectionsArgs, config: &KeelConfig) -> anyhow::Result<ExitCode> {
-    let pool = postgres::pool(&config.database, "keel-projections-cli")?;
+    let pool = postgres::pool(&config.database, "keel-projections-cli", crate::roles::TOOL_CONNECTIONS)?;
     let projector = Projector::new(
         config.projector.clone(),
         config.kafka.clone(),
         &config.schema_registry.url,
         pool.clone(),
         &config.personal_data,
+        keel_runtime::notifications::Notifications::new(&[]),
     )?;
     match args.command {
         ProjectionsCommand::Status => {
@@ -94,7 +95,7 @@ pub async fn run(args: ProjectionsArgs, config: &KeelConfig) -> anyhow::Result<E
             eprintln!("{} version {version} of `{name}`", if resumed { "resuming" } else { "building" });
             let shutdown = CancellationToken::new();
             cancel_on_signal(shutdown.clone());
-            let runner = projector.runner(projection, version);
+            let runner = std::sync::Arc::new(projector.runner(projection, version));
             let bar = ProgressBar::new(0).with_style(
                 ProgressStyle::with_template(
                     "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} records · {per_sec} · lag {msg} · eta {eta}",

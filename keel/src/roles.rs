@@ -4,7 +4,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
-use keel_runtime::{Health, Lifecycle, lifecycle::cancel_on_signal, postgres};
+use keel_runtime::{Health, Lifecycle, lifecycle::cancel_on_signal, notifications::Notifications, postgres};
 use keel_topics::{TopicNames, Vault, kafka};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -36,7 +36,7 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
         Command::Projector => serve(Role::Projector, &config).await?,
         Command::Gateway => serve(Role::Gateway, &config).await?,
         Command::Migrate => {
-            let pool = postgres::pool(&config.database, "keel-migrate")?;
+            let pool = postgres::pool(&config.database, "keel-migrate", TOOL_CONNECTIONS)?;
             migrate(&pool).await?;
             println!("migrations applied");
         }
@@ -51,7 +51,7 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
             print!("{}", serde_norway::to_string(&config).context("failed to render the config")?);
         }
         Command::Audit { command: AuditCommand::Verify } => {
-            let pool = postgres::pool(&config.database, "keel-audit")?;
+            let pool = postgres::pool(&config.database, "keel-audit", TOOL_CONNECTIONS)?;
             let verification = keel_projections::audit::verify(&pool).await?;
             match verification.broken {
                 None => {
@@ -67,7 +67,7 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
             }
         }
         Command::Keys { command } => {
-            let pool = postgres::pool(&config.database, "keel-keys")?;
+            let pool = postgres::pool(&config.database, "keel-keys", TOOL_CONNECTIONS)?;
             migrate(&pool).await?;
             let kek = config.auth.kek().context("auth.key_encryption_key is validated with the configuration")?;
             match command {
@@ -114,13 +114,49 @@ async fn bind(address: &str, what: &str) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+/// Connections of a command-line tool's pool.
+pub(crate) const TOOL_CONNECTIONS: u32 = 2;
+
+impl Role {
+    /// The connections the role's pool needs at most (unless `database.max_connections` says
+    /// otherwise): what it does at once, measured under load. A role that listens for
+    /// notifications holds one connection more, outside its pool.
+    fn connections(self) -> u32 {
+        match self {
+            // Schema look-ups, which clients cache.
+            Self::Registry => 2,
+            // Snapshots and ownership in the background, email reservations and key look-ups in
+            // front.
+            Self::Identity | Self::Auth | Self::Authz | Self::Blog => 2,
+            // One transaction per projection at a time, and the janitor.
+            Self::Projector => 6,
+            // Queries, consistency waits and the status caches.
+            Self::Gateway => 4,
+        }
+    }
+}
+
 /// A database pool, migrated when configured to.
-async fn database(config: &KeelConfig, role: &str) -> anyhow::Result<PgPool> {
-    let pool = postgres::pool(&config.database, &format!("keel-{role}"))?;
+async fn database(config: &KeelConfig, role: Role) -> anyhow::Result<PgPool> {
+    let role_name = format!("{role:?}").to_lowercase();
+    let pool = postgres::pool(&config.database, &format!("keel-{role_name}"), role.connections())?;
     if config.database.migrate_on_start {
         migrate(&pool).await?;
     }
     Ok(pool)
+}
+
+/// The notifications of `channels`, heard on one connection of the role's own.
+fn listen(
+    config: &KeelConfig,
+    lifecycle: &mut Lifecycle,
+    role: &str,
+    channels: &[&'static str],
+) -> anyhow::Result<Notifications> {
+    let notifications = Notifications::new(channels);
+    let pool = postgres::listen_pool(&config.database, &format!("keel-{role}"))?;
+    lifecycle.spawn(format!("{role} notifications"), notifications.clone().listen(pool, lifecycle.token()));
+    Ok(notifications)
 }
 
 async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
@@ -132,7 +168,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
     let started = async {
         match role {
             Role::Registry => {
-                let pool = database(config, "registry").await?;
+                let pool = database(config, Role::Registry).await?;
                 let listener = bind(&config.registry.listen, "registry").await?;
                 let checks: Vec<std::sync::Arc<dyn keel_runtime::ReadinessCheck>> =
                     vec![std::sync::Arc::new(postgres::DatabaseCheck(pool.clone()))];
@@ -141,7 +177,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 lifecycle.serve_http("registry-http", listener, router);
             }
             Role::Identity => {
-                let pool = database(config, "identity").await?;
+                let pool = database(config, Role::Identity).await?;
                 let grpc = bind(&config.identity.grpc_listen, "identity gRPC").await?;
                 let admin = bind(&config.identity.admin_listen, "identity admin").await?;
                 keel_commands::identity::start(
@@ -157,7 +193,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 .await?;
             }
             Role::Auth => {
-                let pool = database(config, "auth").await?;
+                let pool = database(config, Role::Auth).await?;
                 let grpc = bind(&config.auth.grpc_listen, "auth gRPC").await?;
                 let admin = bind(&config.auth.admin_listen, "auth admin").await?;
                 keel_commands::auth::start(
@@ -173,7 +209,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 .await?;
             }
             Role::Authz => {
-                let pool = database(config, "authz").await?;
+                let pool = database(config, Role::Authz).await?;
                 let grpc = bind(&config.authz.grpc_listen, "authz gRPC").await?;
                 let admin = bind(&config.authz.admin_listen, "authz admin").await?;
                 keel_commands::authz::start(
@@ -188,7 +224,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 .await?;
             }
             Role::Blog => {
-                let pool = database(config, "blog").await?;
+                let pool = database(config, Role::Blog).await?;
                 let grpc = bind(&config.blog.grpc_listen, "blog gRPC").await?;
                 let admin = bind(&config.blog.admin_listen, "blog admin").await?;
                 keel_commands::blog::start(
@@ -203,24 +239,33 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 .await?;
             }
             Role::Projector => {
-                let pool = database(config, "projector").await?;
+                let pool = database(config, Role::Projector).await?;
                 let admin = bind(&config.projector.admin_listen, "projector admin").await?;
+                let notifications = listen(config, &mut lifecycle, "projector", &[keel_topics::wakeups::CHANNEL])?;
                 let projector = keel_projections::Projector::new(
                     config.projector.clone(),
                     config.kafka.clone(),
                     &config.schema_registry.url,
                     pool,
                     &config.personal_data,
+                    notifications,
                 )?;
                 keel_projections::start(projector, &mut lifecycle, admin).await?;
             }
             Role::Gateway => {
-                let pool = database(config, "gateway").await?;
+                let pool = database(config, Role::Gateway).await?;
                 let listener = bind(&config.gateway.listen, "gateway").await?;
+                let channels = [
+                    keel_topics::wakeups::CHANNEL,
+                    keel_topics::APPLIED_CHANNEL,
+                    keel_topics::STATUS_CHANNEL,
+                    keel_topics::OWNERS_CHANNEL,
+                ];
                 let sources = keel_gateway::Sources {
                     kafka: config.kafka.clone(),
                     registry_url: config.schema_registry.url.clone(),
                     projections: keel_projections::catalogue(Vault::new(pool.clone(), &config.personal_data)?),
+                    notifications: listen(config, &mut lifecycle, "gateway", &channels)?,
                 };
                 keel_gateway::start(&config.gateway, sources, pool, &mut lifecycle, listener).await?;
             }

@@ -8,11 +8,13 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use keel_runtime::KafkaConfig;
-use keel_topics::{SchemaRegistryCodec, TopicNames, catalogue::DEAD_LETTERS, kafka, reader::PartitionReader};
-use rdkafka::{
-    message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
-    producer::{FutureProducer, FutureRecord},
+use keel_topics::{
+    SchemaRegistryCodec, TopicNames,
+    catalogue::DEAD_LETTERS,
+    producer::{Producer, Record},
+    reader::PartitionReader,
 };
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::{
@@ -23,13 +25,13 @@ use crate::{
 /// Publishes dead letters.
 #[derive(Clone)]
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: Arc<Producer>,
     topic: String,
 }
 
 impl DeadLetters {
     pub fn new(kafka_config: &KafkaConfig, names: &TopicNames) -> anyhow::Result<Self> {
-        Ok(Self { producer: kafka::producer(kafka_config)?, topic: names.auxiliary(&DEAD_LETTERS) })
+        Ok(Self { producer: Arc::new(Producer::commits(kafka_config)?), topic: names.auxiliary(&DEAD_LETTERS) })
     }
 
     /// Publishes `message` with its error and records it in the caller's transaction.
@@ -60,17 +62,18 @@ impl DeadLetters {
         ] {
             headers = headers.insert(Header { key, value: Some(value) });
         }
-        let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = message.payload() {
-            record = record.payload(payload);
-        }
+        let record = Record {
+            topic: &self.topic,
+            partition: None,
+            key: message.key().unwrap_or_default(),
+            payload: message.payload().unwrap_or_default(),
+            headers,
+        };
         self.producer
-            .send(record, Duration::from_secs(30))
+            .send(record)
+            .map_err(|error| anyhow::anyhow!("failed to publish a dead letter: {error}"))?
             .await
-            .map_err(|(error, _)| anyhow::anyhow!("failed to publish a dead letter: {error}"))?;
+            .map_err(|error| anyhow::anyhow!("failed to publish a dead letter: {error}"))?;
         sqlx::query(
             "INSERT INTO projection_dead_letters (projection, version, topic, partition, \"offset\", error)
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",

@@ -10,11 +10,13 @@ pub mod audit;
 pub mod authz;
 pub mod blog;
 pub mod dead_letters;
+mod feed;
 mod projection;
 pub mod rebuild;
 mod runner;
 pub mod sessions;
 pub mod status;
+mod status_notice;
 mod store;
 pub mod users;
 
@@ -22,6 +24,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use keel_runtime::notifications::Notifications;
 use keel_runtime::{Health, KafkaConfig, Lifecycle, ReadinessCheck, postgres::DatabaseCheck};
 use keel_topics::{PersonalDataConfig, SchemaRegistryCodec, TopicNames, Vault, kafka::BrokerCheck};
 use serde::{Deserialize, Serialize};
@@ -39,8 +42,15 @@ pub struct ProjectorConfig {
     pub admin_listen: String,
     /// Most records applied in one transaction.
     pub batch_size: usize,
-    /// How long a batch waits to fill before it is applied.
+    /// How long a rebuild's batch waits to fill before it is applied.
     pub batch_timeout_ms: u64,
+    /// The least time between two batches of a live projection: a record after a quiet spell is
+    /// applied at once, a steady stream in batches of what arrived meanwhile (each batch is a
+    /// transaction with a fixed cost).
+    pub batch_interval_ms: u64,
+    /// The least time between two fetches of the live feed while records keep coming (each fetch
+    /// costs the broker a pass over every partition it names).
+    pub fetch_interval_ms: u64,
     /// What a projection does with a record it cannot apply: `skip` (dead-letter it and go on)
     /// or `stop` (dead-letter it and stop until `keel projections resume`).
     pub on_poison: PoisonPolicy,
@@ -56,6 +66,8 @@ impl Default for ProjectorConfig {
             admin_listen: "127.0.0.1:9102".into(),
             batch_size: 500,
             batch_timeout_ms: 50,
+            batch_interval_ms: 25,
+            fetch_interval_ms: 25,
             on_poison: PoisonPolicy::Skip,
             on_poison_overrides: BTreeMap::new(),
             retired_grace_secs: 3600,
@@ -67,6 +79,16 @@ impl ProjectorConfig {
     pub fn validate(&self) -> Result<(), keel_runtime::ConfigError> {
         keel_runtime::config::ensure(self.batch_size > 0, "projector.batch_size", "must be positive")?;
         keel_runtime::config::ensure(self.batch_timeout_ms > 0, "projector.batch_timeout_ms", "must be positive")?;
+        keel_runtime::config::ensure(
+            self.batch_interval_ms <= 10_000,
+            "projector.batch_interval_ms",
+            "must be at most 10000",
+        )?;
+        keel_runtime::config::ensure(
+            self.fetch_interval_ms <= 10_000,
+            "projector.fetch_interval_ms",
+            "must be at most 10000",
+        )?;
         for name in self.on_poison_overrides.keys() {
             keel_runtime::config::ensure(
                 NAMES.contains(&name.as_str()),
@@ -81,6 +103,7 @@ impl ProjectorConfig {
         RunnerSettings {
             batch_size: self.batch_size,
             batch_timeout: Duration::from_millis(self.batch_timeout_ms),
+            batch_interval: Duration::from_millis(self.batch_interval_ms),
             poison: self.on_poison_overrides.get(projection).copied().unwrap_or(self.on_poison),
         }
     }
@@ -110,6 +133,8 @@ pub struct Projector {
     pub codec: SchemaRegistryCodec,
     pub dead_letters: dead_letters::DeadLetters,
     pub projections: Vec<Arc<dyn Projection>>,
+    /// What the log's writers announce, so the live feed fetches only what exists.
+    pub notifications: Notifications,
 }
 
 impl Projector {
@@ -119,12 +144,13 @@ impl Projector {
         registry_url: &str,
         pool: PgPool,
         personal_data: &PersonalDataConfig,
+        notifications: Notifications,
     ) -> anyhow::Result<Self> {
         let names = TopicNames::new(kafka.topic_prefix.clone());
         let codec = SchemaRegistryCodec::new(registry_url, names.clone())?;
         let dead_letters = dead_letters::DeadLetters::new(&kafka, &names)?;
         let projections = catalogue(Vault::new(pool.clone(), personal_data)?);
-        Ok(Self { config, kafka, names, pool, codec, dead_letters, projections })
+        Ok(Self { config, kafka, names, pool, codec, dead_letters, projections, notifications })
     }
 
     /// A projection by name.
@@ -146,18 +172,16 @@ impl Projector {
         }
     }
 
-    /// Runs this instance's share of the live version of `projection`, following it across
-    /// rebuild swaps and rebalances, until shutdown.
-    async fn supervise(self, projection: Arc<dyn Projection>, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let name = projection.name();
+    /// Runs the live versions of every projection on this instance's share of the partitions,
+    /// following them across rebuild swaps, poison stops and rebalances, until shutdown.
+    async fn supervise(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
-            match self.supervise_live_version(&projection, &shutdown).await {
-                Ok(Exit::Shutdown) => break,
-                Ok(_) => backoff = Duration::from_millis(200),
-                // The database or the broker is down: the projection waits, the projector stays.
+            match self.supervise_membership(&shutdown).await {
+                Ok(()) => break,
+                // The database or the broker is down: the projector waits and stays.
                 Err(error) => {
-                    tracing::error!(projection = name, error = %format!("{error:#}"), "projection supervisor failed; retrying");
+                    tracing::error!(error = %format!("{error:#}"), "projector failed; retrying");
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(backoff) => {}
@@ -169,77 +193,63 @@ impl Projector {
         Ok(())
     }
 
-    /// Joins the live version's group and follows it until it is superseded or shutdown.
-    async fn supervise_live_version(
-        &self,
-        projection: &Arc<dyn Projection>,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Exit> {
-        let name = projection.name();
-        store::ensure_registered(&self.pool, projection.as_ref()).await?;
-        let live = store::live_version(&mut *self.pool.acquire().await?, name, false)
-            .await?
-            .context("a registered projection has a live version")?;
-        let topics: Vec<String> = projection.topics().iter().map(|topic| self.names.name(*topic)).collect();
-        // One group per version: after a swap every instance moves to the new version's group.
-        let group = format!("keel-projector.{}{name}.v{live}", self.kafka.topic_prefix);
-        let membership = keel_topics::membership::Membership::join(&self.kafka, &group, &topics)?;
-        let runner = self.runner(projection.clone(), live);
-        let exit = self.follow(&runner, &membership, shutdown).await?;
-        if exit == Exit::Superseded {
-            tracing::info!(projection = name, previous = live, "a new version is live; following it");
-            // A rebuild with no grace period wants the old tables gone now, not at the janitor's
-            // next round.
-            if let Err(error) = rebuild::drop_expired(&self.pool, std::slice::from_ref(projection)).await {
-                tracing::warn!(error = %format!("{error:#}"), "failed to drop retired projection versions");
-            }
+    /// Joins the projector's group for every topic a projection reads, and runs the live feed on
+    /// what it assigns until shutdown.
+    async fn supervise_membership(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        for projection in &self.projections {
+            store::ensure_registered(&self.pool, projection.as_ref()).await?;
         }
-        Ok(exit)
-    }
-
-    /// Runs `runner` on the partitions `membership` assigns, until shutdown or another version is
-    /// live.
-    async fn follow(
-        &self,
-        runner: &Runner,
-        membership: &keel_topics::membership::Membership,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Exit> {
-        let name = runner.projection.name();
+        let mut topics: Vec<String> = self
+            .projections
+            .iter()
+            .flat_map(|projection| projection.topics().iter().map(|topic| self.names.name(*topic)))
+            .collect();
+        topics.sort();
+        topics.dedup();
+        // One group for every projection: an instance applies every projection of the partitions
+        // it is assigned, from one reader.
+        let group = format!("keel-projector.{}live", self.kafka.topic_prefix);
+        let membership = keel_topics::membership::Membership::join(&self.kafka, &group, &topics)?;
         let mut backoff = Duration::from_millis(200);
         loop {
             let mut changes = membership.watch();
             let assigned = membership.assigned();
-            metrics::gauge!("keel_projector_assigned_partitions", "projection" => name).set(assigned.len() as f64);
-            if assigned.is_empty() {
-                // No share (yet): wait for one, noticing a swap or a shutdown meanwhile.
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(Exit::Shutdown),
-                    _ = changes.changed() => continue,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                let live = store::live_version(&mut *self.pool.acquire().await?, name, false).await?;
-                if live != Some(runner.version) {
-                    return Ok(Exit::Superseded);
-                }
-                continue;
+            for projection in &self.projections {
+                let topics: Vec<String> = projection.topics().iter().map(|topic| self.names.name(*topic)).collect();
+                let own = assigned.iter().filter(|(topic, _)| topics.contains(topic)).count();
+                metrics::gauge!("keel_projector_assigned_partitions", "projection" => projection.name())
+                    .set(own as f64);
             }
-            match runner.run_live(shutdown, Some((assigned, changes))).await {
-                Ok(Exit::Reassigned) => backoff = Duration::from_millis(200),
-                Ok(Exit::Stopped) => {
-                    // Wait for `keel projections resume`.
-                    while store::is_stopped(&self.pool, name, runner.version).await? {
-                        tokio::select! {
-                            () = shutdown.cancelled() => return Ok(Exit::Shutdown),
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if assigned.is_empty() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    _ = changes.changed() => continue,
+                }
+            }
+            let (runners, stopped) = self.live_runners().await?;
+            let restart = shutdown.child_token();
+            let watcher = tokio::spawn(watch_for_restart(self.pool.clone(), changes, stopped, restart.clone()));
+            let outcome = feed::run(self, runners, assigned, shutdown, &restart).await;
+            watcher.abort();
+            match outcome {
+                Ok(stop) if shutdown.is_cancelled() || stop.exit == Exit::Shutdown => return Ok(()),
+                Ok(stop) => {
+                    backoff = Duration::from_millis(200);
+                    if stop.exit == Exit::Superseded
+                        && let Some(projection) = stop.projection.and_then(|name| self.projection(name))
+                    {
+                        tracing::info!(projection = projection.name(), "a new version is live; following it");
+                        // A rebuild with no grace period wants the old tables gone now, not at the
+                        // janitor's next round.
+                        if let Err(error) = rebuild::drop_expired(&self.pool, std::slice::from_ref(&projection)).await {
+                            tracing::warn!(error = %format!("{error:#}"), "failed to drop retired projection versions");
                         }
                     }
                 }
-                Ok(exit) => return Ok(exit),
                 Err(error) => {
-                    tracing::error!(projection = name, error = %format!("{error:#}"), "projection worker failed; restarting");
+                    tracing::error!(error = %format!("{error:#}"), "projector feed failed; restarting");
                     tokio::select! {
-                        () = shutdown.cancelled() => return Ok(Exit::Shutdown),
+                        () = shutdown.cancelled() => return Ok(()),
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -247,19 +257,82 @@ impl Projector {
             }
         }
     }
+
+    /// Runs `runners` over every partition of their topics, as the only instance (no group), until
+    /// shutdown or until one of them stops. For tools and benchmarks.
+    pub async fn run_alone(&self, runners: Vec<Arc<Runner>>, shutdown: &CancellationToken) -> anyhow::Result<Exit> {
+        let mut partitions = Vec::new();
+        for runner in &runners {
+            partitions.extend(runner.partitions().await?);
+        }
+        partitions.sort();
+        partitions.dedup();
+        let restart = CancellationToken::new();
+        Ok(feed::run(self, runners, partitions, shutdown, &restart).await?.exit)
+    }
+
+    /// A runner for the live version of every projection its poison policy has not stopped, and
+    /// the names of the stopped ones.
+    async fn live_runners(&self) -> anyhow::Result<(Vec<Arc<Runner>>, Vec<&'static str>)> {
+        let mut runners = Vec::new();
+        let mut stopped = Vec::new();
+        for projection in &self.projections {
+            let name = projection.name();
+            let live = store::live_version(&mut *self.pool.acquire().await?, name, false)
+                .await?
+                .context("a registered projection has a live version")?;
+            if store::is_stopped(&self.pool, name, live).await? {
+                stopped.push(name);
+            } else {
+                runners.push(Arc::new(self.runner(projection.clone(), live)));
+            }
+        }
+        Ok((runners, stopped))
+    }
 }
 
-/// Starts a supervisor per projection, the janitor of retired versions, and the admin endpoints.
+/// Cancels `restart` when the assignment changes or a stopped projection is resumed.
+async fn watch_for_restart(
+    pool: PgPool,
+    mut changes: tokio::sync::watch::Receiver<Vec<keel_topics::reader::PartitionKey>>,
+    stopped: Vec<&'static str>,
+    restart: CancellationToken,
+) {
+    let resumed = async {
+        if stopped.is_empty() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let resumed = sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM projections live JOIN projection_versions version
+                     ON version.name = live.name AND version.version = live.live_version
+                 WHERE live.name = ANY($1) AND NOT version.stopped)",
+            )
+            .bind(&stopped)
+            .fetch_one(&pool)
+            .await;
+            if resumed.unwrap_or(false) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = changes.changed() => {}
+        () = resumed => {}
+    }
+    restart.cancel();
+}
+
+/// Starts the projector (the live feed of every projection), the janitor of retired versions,
+/// and the admin endpoints.
 pub async fn start(projector: Projector, lifecycle: &mut Lifecycle, admin_listener: TcpListener) -> anyhow::Result<()> {
     let checks: Vec<Arc<dyn ReadinessCheck>> =
         vec![Arc::new(DatabaseCheck(projector.pool.clone())), Arc::new(BrokerCheck::new(&projector.kafka)?)];
     let admin = keel_runtime::admin::router(Health::new(checks, lifecycle.token()))
         .merge(Router::new().route("/admin/projections", get(admin_projections)).with_state(projector.clone()));
     lifecycle.serve_http("projector-admin", admin_listener, admin);
-    for projection in projector.projections.clone() {
-        let name = format!("projection {}", projection.name());
-        lifecycle.spawn(name, projector.clone().supervise(projection, lifecycle.token()));
-    }
+    lifecycle.spawn("projector", projector.clone().supervise(lifecycle.token()));
     let janitor = projector.clone();
     let token = lifecycle.token();
     lifecycle.spawn("projection janitor", async move {

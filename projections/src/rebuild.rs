@@ -145,7 +145,7 @@ async fn apply_from(
 
 /// Builds `runner.version` until it has caught up with the head, then makes it live.
 pub async fn build(
-    runner: &Runner,
+    runner: &std::sync::Arc<Runner>,
     shutdown: &CancellationToken,
     grace: Duration,
     mut on_progress: impl FnMut(&Progress),
@@ -154,10 +154,10 @@ pub async fn build(
     let mut worker = runner.open().await?;
     let total: u64 = worker
         .reader
-        .remaining(&worker.checkpoints)
+        .remaining(&worker.lane.checkpoints)
         .await?
         .iter()
-        .map(|(key, high)| (high - worker.checkpoints.get(key).copied().unwrap_or(0)).max(0) as u64)
+        .map(|(key, high)| (high - worker.lane.checkpoints.get(key).copied().unwrap_or(0)).max(0) as u64)
         .sum();
     let mut progress = Progress { version: runner.version, read: 0, total, events_applied: 0, elapsed: Duration::ZERO };
     on_progress(&progress);
@@ -168,7 +168,7 @@ pub async fn build(
             return Ok(Outcome::Shutdown);
         };
         if !batch.is_empty() {
-            match worker.apply_with_retry(&batch, Guard::Building, shutdown).await? {
+            match worker.lane.apply_with_retry(&batch, Guard::Building, shutdown).await? {
                 Some(Batch::Applied { events }) => {
                     progress.read += batch.len() as u64;
                     progress.total = progress.total.max(progress.read);
@@ -186,9 +186,9 @@ pub async fn build(
             }
         }
         last_check = Instant::now();
-        let remaining = worker.reader.remaining(&worker.checkpoints).await?;
+        let remaining = worker.reader.remaining(&worker.lane.checkpoints).await?;
         let behind: i64 =
-            remaining.iter().map(|(key, high)| high - worker.checkpoints.get(key).copied().unwrap_or(0)).sum();
+            remaining.iter().map(|(key, high)| high - worker.lane.checkpoints.get(key).copied().unwrap_or(0)).sum();
         if behind > batch_size {
             continue;
         }
@@ -208,11 +208,11 @@ pub async fn build(
 /// ahead by, retires it, makes this version live and repoints the views. `Some(old version)` on
 /// success; `None` if it could not catch up in time (the caller keeps building and tries again).
 async fn try_swap(
-    worker: &mut crate::runner::Worker<'_>,
+    worker: &mut crate::runner::Worker,
     shutdown: &CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<Option<i32>> {
-    let runner = worker.runner;
+    let runner = worker.lane.runner.clone();
     let name = runner.projection.name();
     let mut transaction = runner.pool.begin().await?;
     let live: i32 = sqlx::query_scalar("SELECT live_version FROM projections WHERE name = $1 FOR UPDATE")
@@ -231,7 +231,7 @@ async fn try_swap(
         return Ok(None);
     }
     let live_checkpoints = store::checkpoints(&mut transaction, name, live).await?;
-    let mut next = worker.checkpoints.clone();
+    let mut next = worker.lane.checkpoints.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let behind = live_checkpoints.iter().any(|(key, offset)| next.get(key).copied().unwrap_or(0) < *offset);
@@ -243,13 +243,7 @@ async fn try_swap(
             return Ok(None);
         }
         let Some(batch) = worker.next_batch(Some(Duration::from_secs(1)), shutdown).await? else { return Ok(None) };
-        let mut reads = Vec::with_capacity(batch.len());
-        for message in &batch {
-            reads.push(worker.read(message).await?);
-        }
-        if let crate::runner::Applied::Stop(_) =
-            worker.apply_in(&mut transaction, &batch, &reads, &mut next, false).await?
-        {
+        if let crate::runner::Applied::Stop(_) = worker.apply_in(&mut transaction, &batch, &mut next).await? {
             return Ok(None);
         }
     }
@@ -280,7 +274,7 @@ async fn try_swap(
         return Ok(None);
     }
     transaction.commit().await.context("failed to commit the swap")?;
-    worker.checkpoints = next;
+    worker.lane.checkpoints = next;
     tracing::info!(projection = name, version = runner.version, replaced = live, "projection version is live");
     Ok(Some(live))
 }

@@ -1,4 +1,6 @@
-//! The projection runner: read, validate, apply a batch with its checkpoints, repeat.
+//! The projection runner: validate a batch of records, apply it with its checkpoints in one
+//! transaction, repeat. Where records come from is the caller's: the live feed shared by every
+//! projection of the projector ([`crate::feed`]), or a reader of the runner's own (a rebuild).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,7 +18,6 @@ use keel_topics::{
 use rdkafka::message::{Message, OwnedMessage};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -39,11 +40,14 @@ pub enum PoisonPolicy {
 #[derive(Debug, Clone)]
 pub struct RunnerSettings {
     pub batch_size: usize,
+    /// How long a reader of its own waits for a batch to fill.
     pub batch_timeout: Duration,
+    /// The least time between two batches of the live feed.
+    pub batch_interval: Duration,
     pub poison: PoisonPolicy,
 }
 
-/// One version of one projection, reading every partition of its topics.
+/// One version of one projection.
 pub struct Runner {
     pub projection: Arc<dyn Projection>,
     pub version: i32,
@@ -67,7 +71,7 @@ pub enum Exit {
     Reassigned,
 }
 
-/// A record as the runner understands it.
+/// A record as runners understand it.
 pub(crate) enum Read {
     Commit(Box<Commit>),
     /// Unreadable: goes to the dead letters by the poison policy.
@@ -76,14 +80,16 @@ pub(crate) enum Read {
     },
 }
 
-/// A runner with its reader open.
-pub(crate) struct Worker<'a> {
-    pub runner: &'a Runner,
-    pub reader: PartitionReader,
-    /// Next offset to read per partition, as committed.
-    pub checkpoints: BTreeMap<PartitionKey, i64>,
-    apply_from: BTreeMap<PartitionKey, i64>,
-    topics: HashMap<String, Topic>,
+/// A record and what it reads as: read once, however many projections apply it.
+pub(crate) struct Item {
+    pub message: OwnedMessage,
+    pub read: Read,
+}
+
+impl Item {
+    fn key(&self) -> PartitionKey {
+        (self.message.topic().to_owned(), self.message.partition())
+    }
 }
 
 /// What one batch did.
@@ -110,32 +116,35 @@ pub(crate) enum Guard {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// The commits of a batch the shared rule admits, and what it leaves for the dead letters.
+struct Admitted<'b> {
+    to_apply: Vec<&'b Item>,
+    poison: Vec<(&'b Item, String)>,
+    /// The validation state of every aggregate the batch changed.
+    changed: HashMap<(String, Uuid), StreamState>,
+}
 
 impl Runner {
     pub(crate) fn tables(&self) -> Tables {
         Tables::new(self.version)
     }
 
-    /// Opens a reader on every partition of the projection's topics, or only on `only`.
-    pub(crate) async fn open(&self) -> anyhow::Result<Worker<'_>> {
-        self.open_partitions(None).await
-    }
-
-    pub(crate) async fn open_partitions(&self, only: Option<&[PartitionKey]>) -> anyhow::Result<Worker<'_>> {
-        let name = self.projection.name();
+    /// Every partition of the projection's topics.
+    pub(crate) async fn partitions(&self) -> anyhow::Result<Vec<PartitionKey>> {
         let metadata = kafka::consumer(&self.kafka, "keel-projector-metadata")?;
         let mut partitions = Vec::new();
-        let mut topics = HashMap::new();
         for topic in self.projection.topics() {
             let topic_name = self.names.name(*topic);
             let count = kafka::partition_count(&metadata, &topic_name, Duration::from_secs(30)).await?;
             partitions.extend((0..count as i32).map(|partition| (topic_name.clone(), partition)));
-            topics.insert(topic_name, *topic);
         }
-        if let Some(only) = only {
-            partitions.retain(|key| only.contains(key));
-        }
+        Ok(partitions)
+    }
+
+    /// This version's lane over `partitions`, from its stored checkpoints.
+    pub(crate) async fn lane(self: &Arc<Self>, partitions: Vec<PartitionKey>) -> anyhow::Result<Lane> {
+        let name = self.projection.name();
         let mut connection = self.pool.acquire().await.context("failed to connect to the database")?;
         let checkpoints = store::checkpoints(&mut connection, name, self.version).await?;
         drop(connection);
@@ -145,81 +154,45 @@ impl Runner {
             .find(|row| row.version == self.version)
             .map(|row| row.apply_from)
             .unwrap_or_default();
-        tracing::info!(projection = name, version = self.version, partitions = partitions.len(), "projection starting");
-        let reader = PartitionReader::assign_many(&self.kafka, partitions, &checkpoints)?;
-        Ok(Worker { runner: self, reader, checkpoints, apply_from, topics })
+        let topics = self.projection.topics().iter().map(|topic| (self.names.name(*topic), *topic)).collect();
+        Ok(Lane { runner: self.clone(), checkpoints, apply_from, partitions, topics })
     }
 
-    /// Runs the live version until shutdown, until another version is live, until the poison
-    /// policy stops it, or until `assignment` (this instance's share of the partitions, when
-    /// several instances split them) changes. A batch in flight is finished or rolled back,
-    /// never half applied.
-    pub async fn run_live(
-        &self,
-        shutdown: &CancellationToken,
-        assignment: Option<(Vec<PartitionKey>, watch::Receiver<Vec<PartitionKey>>)>,
-    ) -> anyhow::Result<Exit> {
-        let (only, mut reassigned) = match assignment {
-            Some((partitions, changes)) => (Some(partitions), Some(changes)),
-            None => (None, None),
-        };
-        let mut worker = self.open_partitions(only.as_deref()).await?;
-        loop {
-            if reassigned.as_mut().is_some_and(|changes| changes.has_changed().unwrap_or(true)) {
-                return Ok(Exit::Reassigned);
-            }
-            let Some(batch) = worker.next_batch(Some(IDLE_TICK), shutdown).await? else { return Ok(Exit::Shutdown) };
-            if batch.is_empty() {
-                worker.record_lag();
-                if store::live_version(&mut *self.pool.acquire().await?, self.projection.name(), false).await?
-                    != Some(self.version)
-                {
-                    return Ok(Exit::Superseded);
-                }
-                continue;
-            }
-            match worker.apply_with_retry(&batch, Guard::Live, shutdown).await? {
-                Some(Batch::Applied { .. }) => worker.record_lag(),
-                Some(Batch::Superseded) => return Ok(Exit::Superseded),
-                Some(Batch::Stopped) => return Ok(Exit::Stopped),
-                None => return Ok(Exit::Shutdown),
-            }
-        }
+    /// A reader of its own over every partition of the projection's topics.
+    pub(crate) async fn open(self: &Arc<Self>) -> anyhow::Result<Worker> {
+        let lane = self.lane(self.partitions().await?).await?;
+        tracing::info!(
+            projection = self.projection.name(),
+            version = self.version,
+            partitions = lane.partitions.len(),
+            "projection reading"
+        );
+        let reader = PartitionReader::assign_many(&self.kafka, lane.partitions.clone(), &lane.checkpoints)?;
+        Ok(Worker { lane, reader })
     }
 }
 
-impl Worker<'_> {
-    /// Up to `batch_size` records: waits for the first (up to `first_wait`, returning an empty
-    /// batch on timeout), then gathers more for at most `batch_timeout`. `None` on shutdown.
-    pub async fn next_batch(
-        &mut self,
-        first_wait: Option<Duration>,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<Vec<OwnedMessage>>> {
-        let first = tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = sleep_or_forever(first_wait) => return Ok(Some(Vec::new())),
-            message = self.reader.next() => message?,
-        };
-        let Some(first) = first else { return Ok(Some(Vec::new())) };
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + self.runner.settings.batch_timeout;
-        while batch.len() < self.runner.settings.batch_size {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => break,
-                message = self.reader.next() => match message? {
-                    Some(message) => batch.push(message),
-                    None => break,
-                },
-            }
-        }
-        Ok(Some(batch))
+/// One version of a projection over a set of partitions: where it stands and how it applies.
+pub(crate) struct Lane {
+    pub runner: Arc<Runner>,
+    /// Next offset to read per partition, as committed.
+    pub checkpoints: BTreeMap<PartitionKey, i64>,
+    apply_from: BTreeMap<PartitionKey, i64>,
+    pub partitions: Vec<PartitionKey>,
+    topics: HashMap<String, Topic>,
+}
+
+impl Lane {
+    /// Whether this lane still has to apply `item` (it reads its topic, and has not passed it).
+    pub fn wants(&self, item: &Item) -> bool {
+        let key = item.key();
+        self.topics.contains_key(&key.0) && self.checkpoints.get(&key).is_none_or(|next| item.message.offset() >= *next)
     }
 
     /// Applies a batch, retrying transient failures with backoff. `None` on shutdown.
     pub async fn apply_with_retry(
         &mut self,
-        batch: &[OwnedMessage],
+        batch: &[Arc<Item>],
         guard: Guard,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Batch>> {
@@ -247,24 +220,20 @@ impl Worker<'_> {
         }
     }
 
-    async fn apply_batch(&mut self, batch: &[OwnedMessage], guard: Guard) -> anyhow::Result<Batch> {
+    async fn apply_batch(&mut self, batch: &[Arc<Item>], guard: Guard) -> anyhow::Result<Batch> {
         let started = Instant::now();
-        let runner = self.runner;
+        let runner = self.runner.clone();
         let name = runner.projection.name();
         if runner.settings.poison == PoisonPolicy::Stop && store::is_stopped(&runner.pool, name, runner.version).await?
         {
             return Ok(Batch::Stopped);
-        }
-        let mut reads = Vec::with_capacity(batch.len());
-        for message in batch {
-            reads.push(self.read(message).await?);
         }
         let mut transaction = runner.pool.begin().await.context("failed to begin a transaction")?;
         if !self.guard(&mut transaction, guard).await? {
             return Ok(Batch::Superseded);
         }
         let mut next = self.checkpoints.clone();
-        let outcome = match self.apply_in(&mut transaction, batch, &reads, &mut next, false).await {
+        let outcome = match self.apply_in(&mut transaction, batch, &mut next).await {
             Ok(outcome) => outcome,
             Err(error) if is_permanent(&error) => {
                 // One commit of the batch cannot be applied: find it, commit by commit.
@@ -275,7 +244,7 @@ impl Worker<'_> {
                     return Ok(Batch::Superseded);
                 }
                 next = self.checkpoints.clone();
-                self.apply_in(&mut transaction, batch, &reads, &mut next, true).await?
+                self.apply_one_by_one_in(&mut transaction, batch, &mut next).await?
             }
             Err(error) => return Err(error),
         };
@@ -301,11 +270,12 @@ impl Worker<'_> {
         metrics::counter!("keel_projection_events_total", "projection" => name).increment(events);
         metrics::histogram!("keel_projection_batch_seconds", "projection" => name)
             .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("keel_projection_batch_records", "projection" => name).record(batch.len() as f64);
         Ok(Batch::Applied { events })
     }
 
     async fn guard(&self, connection: &mut PgConnection, guard: Guard) -> anyhow::Result<bool> {
-        let runner = self.runner;
+        let runner = &self.runner;
         let name = runner.projection.name();
         Ok(match guard {
             Guard::Live => store::live_version(connection, name, true).await? == Some(runner.version),
@@ -322,41 +292,31 @@ impl Worker<'_> {
         })
     }
 
-    /// Validates and applies `reads` inside `connection`'s transaction and advances `next`.
-    /// With `isolate`, every commit gets a savepoint and the ones that fail are dead-lettered
-    /// (or, under the stop policy, the batch is to be abandoned: [`Applied::Stop`]).
-    pub async fn apply_in(
-        &mut self,
-        connection: &mut PgConnection,
-        batch: &[OwnedMessage],
-        reads: &[Read],
-        next: &mut BTreeMap<PartitionKey, i64>,
-        isolate: bool,
-    ) -> anyhow::Result<Applied> {
-        let runner = self.runner;
+    /// Runs the shared rule over a batch: the commits to apply (valid, and at or after where
+    /// this version starts applying), the unreadable records, and the validation state to store.
+    async fn admit<'b>(&self, connection: &mut PgConnection, batch: &'b [Arc<Item>]) -> anyhow::Result<Admitted<'b>> {
+        let runner = &self.runner;
         let name = runner.projection.name();
-        let keys: Vec<(String, Uuid)> = reads
+        let keys: Vec<(String, Uuid)> = batch
             .iter()
-            .filter_map(|read| match read {
+            .filter_map(|item| match &item.read {
                 Read::Commit(commit) => Some((commit.topic_name.clone(), commit.header.aggregate_id)),
                 Read::Unreadable { .. } => None,
             })
             .collect();
         let mut streams = store::load_streams(connection, name, runner.version, &keys).await?;
-        let mut changed = HashMap::new();
-        let mut to_apply = Vec::new();
-        let mut poison = Vec::new();
-        for (message, read) in batch.iter().zip(reads) {
-            match read {
+        let mut admitted = Admitted { to_apply: Vec::new(), poison: Vec::new(), changed: HashMap::new() };
+        for item in batch {
+            match &item.read {
                 Read::Commit(commit) => {
                     let key = (commit.topic_name.clone(), commit.header.aggregate_id);
                     let stream = streams.entry(key.clone()).or_insert_with(StreamState::default);
                     match stream.admit(&commit.header) {
                         Verdict::Valid => {
-                            changed.insert(key, stream.clone());
+                            admitted.changed.insert(key, stream.clone());
                             let from = self.apply_from.get(&(commit.topic_name.clone(), commit.partition));
                             if from.is_none_or(|from| commit.offset >= *from) {
-                                to_apply.push((message, commit.as_ref()));
+                                admitted.to_apply.push(item);
                             }
                         }
                         verdict => {
@@ -372,97 +332,186 @@ impl Worker<'_> {
                         }
                     }
                 }
-                Read::Unreadable { reason } => poison.push((message, reason.clone())),
+                Read::Unreadable { reason } => admitted.poison.push((item, reason.clone())),
             }
         }
-        let tables = runner.tables();
-        if isolate {
-            for (message, commit) in &to_apply {
-                sqlx::query("SAVEPOINT keel_commit").execute(&mut *connection).await?;
-                match runner.projection.apply(connection, tables, std::slice::from_ref(*commit)).await {
-                    Ok(()) => {
-                        sqlx::query("RELEASE SAVEPOINT keel_commit").execute(&mut *connection).await?;
-                    }
-                    Err(error) if is_permanent(&error) => {
-                        sqlx::query("ROLLBACK TO SAVEPOINT keel_commit").execute(&mut *connection).await?;
-                        poison.push((message, format!("{error:#}")));
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
-        } else if !poison.is_empty() {
+        Ok(admitted)
+    }
+
+    /// Validates and applies a batch in `connection`'s transaction, all commits at once, and
+    /// advances `next`. An unreadable record fails the whole batch as poison.
+    async fn apply_in(
+        &mut self,
+        connection: &mut PgConnection,
+        batch: &[Arc<Item>],
+        next: &mut BTreeMap<PartitionKey, i64>,
+    ) -> anyhow::Result<Applied> {
+        let admitted = self.admit(connection, batch).await?;
+        if !admitted.poison.is_empty() {
             return Err(anyhow!(Poison("unreadable record".into())));
-        } else {
-            let commits: Vec<Commit> = to_apply.iter().map(|(_, commit)| (*commit).clone()).collect();
-            runner.projection.apply(connection, tables, &commits).await?;
         }
-        if !poison.is_empty() {
-            if runner.settings.poison == PoisonPolicy::Stop {
-                // Recorded by the caller after rolling back: this transaction may hold a lock on
-                // the very row the error is written to.
-                let (message, reason) = &poison[0];
-                return Ok(Applied::Stop(format!(
-                    "stopped at {}/{}@{}: {reason}",
-                    message.topic(),
-                    message.partition(),
-                    message.offset()
-                )));
-            }
-            for (message, reason) in &poison {
-                runner.dead_letters.publish(connection, name, runner.version, message, reason).await?;
-                metrics::counter!("keel_projection_dead_letters_total", "projection" => name).increment(1);
+        let commits: Vec<Commit> = admitted.to_apply.iter().map(|item| commit_of(item).clone()).collect();
+        self.runner.projection.apply(connection, self.runner.tables(), &commits).await?;
+        self.finish(connection, batch, admitted, next).await
+    }
+
+    /// Like [`Self::apply_in`], but commit by commit, each in a savepoint: the ones that fail
+    /// (and unreadable records) are dead-lettered, or, under the stop policy, the batch is to be
+    /// abandoned ([`Applied::Stop`]).
+    async fn apply_one_by_one_in(
+        &mut self,
+        connection: &mut PgConnection,
+        batch: &[Arc<Item>],
+        next: &mut BTreeMap<PartitionKey, i64>,
+    ) -> anyhow::Result<Applied> {
+        let mut admitted = self.admit(connection, batch).await?;
+        let tables = self.runner.tables();
+        let mut applied = Vec::with_capacity(admitted.to_apply.len());
+        for item in std::mem::take(&mut admitted.to_apply) {
+            sqlx::query("SAVEPOINT keel_commit").execute(&mut *connection).await?;
+            match self.runner.projection.apply(connection, tables, std::slice::from_ref(commit_of(item))).await {
+                Ok(()) => {
+                    sqlx::query("RELEASE SAVEPOINT keel_commit").execute(&mut *connection).await?;
+                    applied.push(item);
+                }
+                Err(error) if is_permanent(&error) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT keel_commit").execute(&mut *connection).await?;
+                    admitted.poison.push((item, format!("{error:#}")));
+                }
+                Err(error) => return Err(error),
             }
         }
-        store::save_streams(connection, name, runner.version, &changed).await?;
+        admitted.to_apply = applied;
+        self.finish(connection, batch, admitted, next).await
+    }
+
+    /// Dead-letters the poison of a batch, stores the validation state and moves the
+    /// checkpoints past the batch.
+    async fn finish(
+        &mut self,
+        connection: &mut PgConnection,
+        batch: &[Arc<Item>],
+        admitted: Admitted<'_>,
+        next: &mut BTreeMap<PartitionKey, i64>,
+    ) -> anyhow::Result<Applied> {
+        let runner = self.runner.clone();
+        let name = runner.projection.name();
+        if let Some((item, reason)) = admitted.poison.first()
+            && runner.settings.poison == PoisonPolicy::Stop
+        {
+            // Recorded by the caller after rolling back: this transaction may hold a lock on the
+            // very row the error is written to.
+            let message = &item.message;
+            return Ok(Applied::Stop(format!(
+                "stopped at {}/{}@{}: {reason}",
+                message.topic(),
+                message.partition(),
+                message.offset()
+            )));
+        }
+        for (item, reason) in &admitted.poison {
+            runner.dead_letters.publish(connection, name, runner.version, &item.message, reason).await?;
+            metrics::counter!("keel_projection_dead_letters_total", "projection" => name).increment(1);
+        }
+        store::save_streams(connection, name, runner.version, &admitted.changed).await?;
         let expected = next.clone();
-        for message in batch {
-            let key = (message.topic().to_owned(), message.partition());
-            let entry = next.entry(key).or_insert(0);
-            *entry = (*entry).max(message.offset() + 1);
+        for item in batch {
+            let entry = next.entry(item.key()).or_insert(0);
+            *entry = (*entry).max(item.message.offset() + 1);
         }
         let moved: BTreeMap<PartitionKey, i64> = next
             .iter()
             .filter(|(key, offset)| expected.get(*key) != Some(*offset))
-            .map(|(k, v)| (k.clone(), *v))
+            .map(|(key, offset)| (key.clone(), *offset))
             .collect();
         store::advance_checkpoints(connection, name, runner.version, &expected, &moved).await?;
-        let poisoned: Vec<(&str, i32, i64)> =
-            poison.iter().map(|(message, _)| (message.topic(), message.partition(), message.offset())).collect();
-        let events = to_apply
-            .iter()
-            .filter(|(message, _)| !poisoned.contains(&(message.topic(), message.partition(), message.offset())))
-            .map(|(_, commit)| commit.header.events.len() as u64)
-            .sum();
+        let events = admitted.to_apply.iter().map(|item| commit_of(item).header.events.len() as u64).sum();
         Ok(Applied::Events(events))
     }
 
-    pub async fn read(&self, message: &OwnedMessage) -> anyhow::Result<Read> {
-        read(&self.runner.codec, self.topics.get(message.topic()).copied(), message).await
-    }
-
-    /// Records left to apply per partition, from the cached high watermarks (no request).
-    pub fn lag(&self) -> BTreeMap<PartitionKey, i64> {
-        self.reader
-            .assigned()
+    /// Records left to apply per partition, against the high watermarks `high` knows.
+    pub fn lag(&self, high: impl Fn(&str, i32) -> Option<i64>) -> BTreeMap<PartitionKey, i64> {
+        self.partitions
             .iter()
             .filter_map(|key| {
-                let high = self.reader.cached_high_watermark(&key.0, key.1)?;
+                let high = high(&key.0, key.1)?;
                 let next = self.checkpoints.get(key).copied().unwrap_or(0);
                 Some((key.clone(), (high - next).max(0)))
             })
             .collect()
     }
 
-    fn record_lag(&self) {
+    pub fn record_lag(&self, high: impl Fn(&str, i32) -> Option<i64>) {
         let name = self.runner.projection.name();
-        for ((topic, partition), lag) in self.lag() {
+        for ((topic, partition), lag) in self.lag(high) {
             metrics::gauge!("keel_projection_lag", "projection" => name, "topic" => topic, "partition" => partition.to_string())
                 .set(lag as f64);
         }
     }
 }
 
-/// Decodes a record of `topic` (`None`: not a topic of the projection) into a commit.
+/// The commit of an admitted item.
+fn commit_of(item: &Item) -> &Commit {
+    match &item.read {
+        Read::Commit(commit) => commit,
+        Read::Unreadable { .. } => unreachable!("only commits are admitted"),
+    }
+}
+
+/// A lane with a reader of its own.
+pub(crate) struct Worker {
+    pub lane: Lane,
+    pub reader: PartitionReader,
+}
+
+impl Worker {
+    /// Up to `batch_size` records: waits for the first (up to `first_wait`, returning an empty
+    /// batch on timeout), then gathers more for at most `batch_timeout`. `None` on shutdown.
+    pub async fn next_batch(
+        &mut self,
+        first_wait: Option<Duration>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Vec<Arc<Item>>>> {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = sleep_or_forever(first_wait) => return Ok(Some(Vec::new())),
+            message = self.reader.next() => message?,
+        };
+        let Some(first) = first else { return Ok(Some(Vec::new())) };
+        let settings = &self.lane.runner.settings;
+        let mut messages = vec![first];
+        let deadline = tokio::time::Instant::now() + settings.batch_timeout;
+        while messages.len() < settings.batch_size {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                message = self.reader.next() => match message? {
+                    Some(message) => messages.push(message),
+                    None => break,
+                },
+            }
+        }
+        let mut batch = Vec::with_capacity(messages.len());
+        for message in messages {
+            let topic = self.lane.topics.get(message.topic()).copied();
+            let read = read(&self.lane.runner.codec, topic, &message).await?;
+            batch.push(Arc::new(Item { message, read }));
+        }
+        Ok(Some(batch))
+    }
+
+    /// Applies `batch` inside `connection`'s transaction (a swap's), advancing `next`.
+    pub async fn apply_in(
+        &mut self,
+        connection: &mut PgConnection,
+        batch: &[Arc<Item>],
+        next: &mut BTreeMap<PartitionKey, i64>,
+    ) -> anyhow::Result<Applied> {
+        self.lane.apply_in(connection, batch, next).await
+    }
+}
+
+/// Decodes a record of `topic` (`None`: not a topic of the projection) into a commit. `Err`
+/// only for failures worth retrying (the schema registry is unreachable).
 pub(crate) async fn read(
     codec: &SchemaRegistryCodec,
     topic: Option<Topic>,

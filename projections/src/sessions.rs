@@ -6,7 +6,10 @@ use keel_domain::auth::SessionEvent;
 use keel_topics::{Topic, auth};
 use sqlx::PgConnection;
 
-use crate::{Commit, Projection, TableSpec, Tables};
+use crate::{
+    Commit, Projection, TableSpec, Tables,
+    status_notice::{self, Subject},
+};
 
 pub struct SessionsProjection;
 
@@ -47,6 +50,7 @@ impl Projection for SessionsProjection {
 
     async fn apply(&self, connection: &mut PgConnection, tables: Tables, commits: &[Commit]) -> anyhow::Result<()> {
         let table = tables.name("auth_sessions");
+        let mut revoked = Vec::new();
         for commit in commits {
             let at = commit.header.occurred_at;
             let events = auth::decode_sessions(&commit.decoded).context("a valid sessions commit decodes")?;
@@ -69,18 +73,21 @@ impl Projection for SessionsProjection {
                     .bind(id.as_uuid())
                     .bind(at)
                     .bind(version),
-                    SessionEvent::Revoked { id, reason } => sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "UPDATE {table} SET revoked_at = $2, revoke_reason = $3, version = $4
+                    SessionEvent::Revoked { id, reason } => {
+                        revoked.push(id.as_uuid());
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "UPDATE {table} SET revoked_at = $2, revoke_reason = $3, version = $4
                          WHERE id = $1 AND version < $4"
-                    )))
-                    .bind(id.as_uuid())
-                    .bind(at)
-                    .bind(reason.as_str())
-                    .bind(version),
+                        )))
+                        .bind(id.as_uuid())
+                        .bind(at)
+                        .bind(reason.as_str())
+                        .bind(version)
+                    }
                 };
                 query.execute(&mut *connection).await.context("failed to apply a session event")?;
             }
         }
-        Ok(())
+        status_notice::announce(connection, Subject::Session, &revoked).await
     }
 }

@@ -168,8 +168,8 @@ pub async fn checkpoints(
     Ok(rows.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect())
 }
 
-/// Moves the checkpoints of a version forward. Fails if another worker moved any of them since
-/// `expected` was read: two workers never both apply the same records.
+/// Moves the checkpoints of a version forward, in one statement. Fails if another worker moved
+/// any of them since `expected` was read: two workers never both apply the same records.
 pub async fn advance_checkpoints(
     connection: &mut PgConnection,
     name: &str,
@@ -177,48 +177,56 @@ pub async fn advance_checkpoints(
     expected: &BTreeMap<PartitionKey, i64>,
     next: &BTreeMap<PartitionKey, i64>,
 ) -> anyhow::Result<()> {
-    for ((topic, partition), next_offset) in next {
-        let previous = expected.get(&(topic.clone(), *partition)).copied();
-        let updated = match previous {
-            Some(previous) => sqlx::query(
-                "UPDATE projection_checkpoints SET next_offset = $5, updated_at = now()
-                 WHERE projection = $1 AND projection_version = $2 AND topic = $3 AND partition = $4 AND next_offset = $6",
-            )
-            .bind(name)
-            .bind(version)
-            .bind(topic)
-            .bind(partition)
-            .bind(next_offset)
-            .bind(previous)
-            .execute(&mut *connection)
-            .await?
-            .rows_affected(),
-            None => sqlx::query(
-                "INSERT INTO projection_checkpoints (projection, projection_version, topic, partition, next_offset)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            )
-            .bind(name)
-            .bind(version)
-            .bind(topic)
-            .bind(partition)
-            .bind(next_offset)
-            .execute(&mut *connection)
-            .await?
-            .rows_affected(),
-        };
-        if updated != 1 {
-            bail!(CheckpointMoved { topic: topic.clone(), partition: *partition });
-        }
+    if next.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = next.keys().map(|(topic, _)| topic.as_str()).collect();
+    let partitions: Vec<i32> = next.keys().map(|(_, partition)| *partition).collect();
+    let offsets: Vec<i64> = next.values().copied().collect();
+    // -1: no checkpoint yet (the row is made).
+    let previous: Vec<i64> = next.keys().map(|key| expected.get(key).copied().unwrap_or(-1)).collect();
+    let moved: i64 = sqlx::query_scalar(
+        "WITH wanted AS (
+             SELECT * FROM UNNEST($3::text[], $4::integer[], $5::bigint[], $6::bigint[])
+                 AS wanted(topic, partition, next_offset, previous)
+         ),
+         updated AS (
+             UPDATE projection_checkpoints checkpoint
+             SET next_offset = wanted.next_offset, updated_at = now()
+             FROM wanted
+             WHERE checkpoint.projection = $1 AND checkpoint.projection_version = $2
+               AND checkpoint.topic = wanted.topic AND checkpoint.partition = wanted.partition
+               AND wanted.previous >= 0 AND checkpoint.next_offset = wanted.previous
+             RETURNING 1
+         ),
+         inserted AS (
+             INSERT INTO projection_checkpoints (projection, projection_version, topic, partition, next_offset)
+             SELECT $1, $2, topic, partition, next_offset FROM wanted WHERE previous < 0
+             ON CONFLICT DO NOTHING
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted)",
+    )
+    .bind(name)
+    .bind(version)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&previous)
+    .fetch_one(&mut *connection)
+    .await?;
+    if moved != next.len() as i64 {
+        bail!(CheckpointMoved { moved: next.len() - moved as usize, partitions: next.len() });
     }
     Ok(())
 }
 
 /// Another worker applied these records first.
 #[derive(Debug, thiserror::Error)]
-#[error("the checkpoint of {topic}/{partition} moved under this worker")]
+#[error("{moved} of {partitions} checkpoints moved under this worker")]
 pub struct CheckpointMoved {
-    pub topic: String,
-    pub partition: i32,
+    pub moved: usize,
+    pub partitions: usize,
 }
 
 pub async fn load_streams(

@@ -11,7 +11,10 @@ use keel_topics::{Opened, Topic, Vault, identity};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{Commit, Projection, TableSpec, Tables};
+use crate::{
+    Commit, Projection, TableSpec, Tables,
+    status_notice::{self, Subject},
+};
 
 pub struct UsersProjection {
     vault: Vault,
@@ -142,6 +145,13 @@ impl Fold {
         }
     }
 
+    /// The users whose account status the batch changed (registered, deactivated, erased).
+    fn status_changed(&self) -> Vec<Uuid> {
+        let registered = self.rows.keys().copied();
+        let changed = self.changes.iter().filter(|(_, change)| change.status.is_some()).map(|(id, _)| *id);
+        registered.chain(changed).chain(self.erased.keys().copied()).collect()
+    }
+
     /// The users whose keys go with this batch.
     fn shredded(&self) -> Vec<Uuid> {
         let in_batch = self.rows.iter().filter(|(_, row)| row.status == ERASED).map(|(id, _)| *id);
@@ -196,7 +206,7 @@ impl Projection for UsersProjection {
             keel_topics::vault::shred_in(connection, user).await.context("failed to shred a key")?;
             self.vault.forget(user);
         }
-        Ok(())
+        status_notice::announce(connection, Subject::User, &fold.status_changed()).await
     }
 }
 

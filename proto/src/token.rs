@@ -146,12 +146,7 @@ pub fn verify(
     let signing_input = &token[..header_part.len() + 1 + claims_part.len()];
     key.verify_strict(signing_input.as_bytes(), &signature).map_err(|_| TokenError::Signature)?;
     let claims: AccessClaims = serde_json::from_slice(&decode(claims_part)?).map_err(|_| TokenError::Claims)?;
-    if claims.exp + expect.leeway_secs <= now {
-        return Err(TokenError::Expired);
-    }
-    if claims.nbf - expect.leeway_secs > now {
-        return Err(TokenError::NotYetValid);
-    }
+    check_time(&claims, expect, now)?;
     if claims.iss != expect.issuer {
         return Err(TokenError::Issuer);
     }
@@ -159,6 +154,17 @@ pub fn verify(
         return Err(TokenError::Audience);
     }
     Ok(claims)
+}
+
+/// Whether verified claims are valid at `now` (Unix seconds): not expired, not before their time.
+pub fn check_time(claims: &AccessClaims, expect: &Expectations, now: i64) -> Result<(), TokenError> {
+    if claims.exp + expect.leeway_secs <= now {
+        return Err(TokenError::Expired);
+    }
+    if claims.nbf - expect.leeway_secs > now {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok(())
 }
 
 /// The JWK (RFC 8037) of an Ed25519 public key.

@@ -219,20 +219,28 @@ pub struct DatabaseConfig {
     /// `postgres://user@host:port/database`; put the password in `password`.
     pub url: String,
     pub password: Option<Secret>,
-    pub max_connections: u32,
+    /// The most connections the role's pool opens; unset: what the role needs (see the README's
+    /// table of connections per role).
+    #[serde(deserialize_with = "optional_number")]
+    pub max_connections: Option<u32>,
     pub acquire_timeout_ms: u64,
     /// Run the embedded migrations when the role starts.
     pub migrate_on_start: bool,
+    /// Where a role that listens for notifications (`LISTEN`) opens its one listening connection.
+    /// Unset: `url`. Behind a transaction-mode pooler (PgBouncer), which cannot keep a session's
+    /// `LISTEN`, point it at PostgreSQL itself.
+    pub listen_url: Option<String>,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
-            url: "postgres://127.0.0.1:5432/keel".into(),
+            url: "postgres://postgres@127.0.0.1:5432/keel".into(),
             password: None,
-            max_connections: 10,
+            max_connections: None,
             acquire_timeout_ms: 5_000,
             migrate_on_start: true,
+            listen_url: None,
         }
     }
 }
@@ -257,6 +265,27 @@ impl Default for KafkaConfig {
             sasl_password: None,
             topic_prefix: String::new(),
         }
+    }
+}
+
+/// An optional number, also from an environment variable: a key whose default is unset gets the
+/// variable's text, which is parsed here.
+fn optional_number<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr + Deserialize<'de>,
+    T::Err: fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw<T> {
+        Number(T),
+        Text(String),
+    }
+    match Option::<Raw<T>>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Raw::Number(number)) => Ok(Some(number)),
+        Some(Raw::Text(text)) => text.trim().parse().map(Some).map_err(serde::de::Error::custom),
     }
 }
 
@@ -300,7 +329,7 @@ mod tests {
         };
         let tree: Tree = sources.load().unwrap();
         assert_eq!(tree.database.url, "postgres://file/db");
-        assert_eq!(tree.database.max_connections, 20);
+        assert_eq!(tree.database.max_connections, Some(20));
         assert_eq!(tree.database.password.unwrap().expose(), "s3cret");
         assert_eq!(tree.kafka.properties["sasl.mechanism"], "PLAIN");
         assert_eq!(tree.kafka.bootstrap_servers, "127.0.0.1:9092");
@@ -329,9 +358,13 @@ mod tests {
 
     #[test]
     fn badly_typed_values_are_errors() {
+        let sources = ConfigSources { file: None, environment: env(&[("KEEL_DATABASE__ACQUIRE_TIMEOUT_MS", "many")]) };
+        let error = sources.load::<Tree>().unwrap_err().to_string();
+        assert!(error.contains("KEEL_DATABASE__ACQUIRE_TIMEOUT_MS"), "{error}");
+        // A number whose default is unset is parsed from the variable's text.
         let sources = ConfigSources { file: None, environment: env(&[("KEEL_DATABASE__MAX_CONNECTIONS", "many")]) };
         let error = sources.load::<Tree>().unwrap_err().to_string();
-        assert!(error.contains("KEEL_DATABASE__MAX_CONNECTIONS"), "{error}");
+        assert!(error.contains("database.max_connections"), "{error}");
     }
 
     #[test]

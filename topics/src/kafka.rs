@@ -10,7 +10,6 @@ use rdkafka::{
     client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer},
     error::RDKafkaErrorCode,
-    producer::FutureProducer,
 };
 
 use crate::catalogue::{DEAD_LETTERS, Topic, TopicNames};
@@ -26,25 +25,6 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         client.set("sasl.password", password.expose());
     }
     client
-}
-
-/// The producer of commits: idempotent (no duplicates or reordering on retries within a
-/// session), acknowledged by all in-sync replicas, batching for a few milliseconds, and
-/// partitioning keys the way Java clients do. No transactions: Keel must work without them.
-/// One request in flight per connection: with more, a retried batch can race the next one and
-/// the broker answers `OutOfOrderSequenceNumber`, which is fatal to an idempotent producer (seen
-/// on nisshi under load); batching by linger keeps the requests large instead.
-pub fn producer(config: &KafkaConfig) -> anyhow::Result<FutureProducer> {
-    client_config(config)
-        .set("enable.idempotence", "true")
-        .set("max.in.flight.requests.per.connection", "1")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("partitioner", "murmur2_random")
-        .set("message.timeout.ms", "30000")
-        .create()
-        .context("failed to create the Kafka producer")
 }
 
 /// A consumer whose offsets Keel stores itself: no auto commit, reads from the start by default.

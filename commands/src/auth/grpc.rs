@@ -106,7 +106,6 @@ impl AuthGrpc {
             aggregate_id: id.as_uuid(),
             expected_version: None,
             meta,
-            claims: Vec::new(),
             name,
             decide: Box::new(move |session: &Session, _: &()| session.decide(command.clone()).map_err(session_error)),
         };
@@ -262,7 +261,6 @@ impl Auth for AuthGrpc {
                 aggregate_id: user_id.as_uuid(),
                 expected_version: None,
                 meta,
-                claims: Vec::new(),
                 name: "SetPassword",
                 decide: Box::new(move |credentials: &Credentials, _: &()| {
                     let command = CredentialsCommand::SetPassword { user_id, hash: hash.clone() };
@@ -290,7 +288,6 @@ impl Auth for AuthGrpc {
                 aggregate_id: user_id.as_uuid(),
                 expected_version: None,
                 meta,
-                claims: Vec::new(),
                 name: "RemovePassword",
                 decide: Box::new(|credentials: &Credentials, _: &()| {
                     match credentials.decide(CredentialsCommand::Remove) {

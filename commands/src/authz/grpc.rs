@@ -57,7 +57,6 @@ impl AuthzGrpc {
             aggregate_id: id.as_uuid(),
             expected_version: version,
             meta,
-            claims: Vec::new(),
             name,
             decide: Box::new(move |role: &Role, _: &()| role.decide(command.clone()).map_err(role_error)),
         };
@@ -75,7 +74,6 @@ impl AuthzGrpc {
             aggregate_id: user_id.as_uuid(),
             expected_version: None,
             meta,
-            claims: Vec::new(),
             name,
             decide: Box::new(move |roles: &UserRoles, _: &()| {
                 Ok(roles.decide(command.clone()).unwrap_or_else(|never| match never {}))

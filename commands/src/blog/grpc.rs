@@ -57,7 +57,6 @@ impl BlogGrpc {
             aggregate_id: id.as_uuid(),
             expected_version: version,
             meta,
-            claims: Vec::new(),
             name,
             decide: Box::new(move |post: &Post, _: &()| post.decide(command.clone()).map_err(post_error)),
         };
@@ -75,7 +74,6 @@ impl BlogGrpc {
             aggregate_id: id.as_uuid(),
             expected_version: None,
             meta,
-            claims: Vec::new(),
             name,
             decide: Box::new(move |comment: &Comment, _: &()| comment.decide(command.clone()).map_err(comment_error)),
         };

@@ -26,11 +26,9 @@ use keel_domain::{Aggregate, DomainEvent};
 use keel_runtime::{KafkaConfig, ReadinessCheck};
 use keel_topics::{
     CodecError, CommitHeader, Decoded, SchemaRegistryCodec, Topic, kafka, membership::Membership, partitioning,
+    producer::Producer, wakeups::Announcer,
 };
-use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
-    producer::{FutureProducer, Producer},
-};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::PgPool;
 use tokio::{
@@ -96,8 +94,6 @@ pub struct Command<M: Model> {
     /// The version the caller decided against (`If-Match`); `None`: the current one.
     pub expected_version: Option<u64>,
     pub meta: CommandMeta,
-    /// Keys besides the aggregate id that no other command of the same batch may touch.
-    pub claims: Vec<String>,
     /// The command's name in metrics.
     pub name: &'static str,
     pub decide: Decide<M>,
@@ -108,7 +104,6 @@ pub struct Request<M: Model> {
     pub aggregate_id: Uuid,
     pub expected_version: Option<u64>,
     pub meta: CommandMeta,
-    pub claims: Vec<String>,
     pub decide: Decide<M>,
     /// After it, the caller has given up: the command is not decided any more (so no command
     /// takes effect long after its caller stopped waiting).
@@ -157,7 +152,8 @@ impl<S> Reply<S> {
 pub struct Settings {
     /// Commands waiting per partition; beyond it callers get `Overloaded`.
     pub queue_capacity: usize,
-    /// Commands decided and produced together.
+    /// Most commands decided together (batches are also produced while earlier ones are in
+    /// flight).
     pub max_batch: usize,
     /// Records applied between two snapshots of a partition.
     pub snapshot_every: u64,
@@ -174,16 +170,74 @@ pub enum Ownership {
     UnsafeAll,
 }
 
-/// What every partition writer of a service shares.
+/// What the engines of one service instance share.
+#[derive(Clone)]
+pub struct EngineContext {
+    pub kafka: KafkaConfig,
+    pub codec: SchemaRegistryCodec,
+    pub pool: PgPool,
+    /// Where other instances reach this one to forward commands.
+    pub endpoint: String,
+    pub settings: Settings,
+    /// Tells readers where partitions end once commits are acknowledged.
+    pub announcer: Announcer,
+    pub producers: Arc<CommitProducers>,
+}
+
+/// The producers the writers of a service instance append with, each replaced when it fails
+/// fatally. Each producer is one broker connection with one request in flight; a broker that
+/// serves a connection's requests one at a time (nisshi does, writing each partition of a
+/// request in turn) answers sooner when partitions spread over a few connections.
+pub struct CommitProducers {
+    kafka: KafkaConfig,
+    producers: Vec<Mutex<Arc<Producer>>>,
+}
+
+impl CommitProducers {
+    /// `count` producers (at least one).
+    pub fn new(kafka: &KafkaConfig, count: usize) -> anyhow::Result<Self> {
+        let producers = (0..count.max(1))
+            .map(|_| Ok(Mutex::new(Arc::new(Producer::commits(kafka)?))))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { kafka: kafka.clone(), producers })
+    }
+
+    fn slot(&self, partition: i32) -> &Mutex<Arc<Producer>> {
+        &self.producers[partition.unsigned_abs() as usize % self.producers.len()]
+    }
+
+    /// The producer of `partition`: always the same one, so the partition's commits keep their
+    /// order.
+    fn of(&self, partition: i32) -> Arc<Producer> {
+        self.slot(partition).lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// An idempotent producer that hit a fatal error (e.g. `OutOfOrderSequenceNumber`) refuses
+    /// every later record: replace it. The writers read their partitions back before trusting
+    /// their state again.
+    fn replace_if_fatal(&self, partition: i32) {
+        let mut current = self.slot(partition).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((code, reason)) = current.fatal_error() else { return };
+        tracing::error!(code = ?code, reason = %reason, "the producer failed fatally; replacing it");
+        metrics::counter!("keel_producer_replacements_total").increment(1);
+        match Producer::commits(&self.kafka) {
+            Ok(replacement) => *current = Arc::new(replacement),
+            Err(error) => tracing::error!(error = %format!("{error:#}"), "failed to create a new producer"),
+        }
+    }
+}
+
+/// What every partition writer of an engine shares.
 struct Shared {
     kafka: KafkaConfig,
     topic: String,
     codec: SchemaRegistryCodec,
-    producer: Mutex<FutureProducer>,
+    producers: Arc<CommitProducers>,
     /// Watermark queries, on a client of their own.
     queries: Arc<BaseConsumer>,
     snapshots: SnapshotStore,
     settings: Settings,
+    announcer: Announcer,
 }
 
 impl Shared {
@@ -196,22 +250,12 @@ impl Shared {
             .with_context(|| format!("failed to fetch the high watermark of partition {partition}"))
     }
 
-    fn producer(&self) -> FutureProducer {
-        self.producer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    fn producer(&self, partition: i32) -> Arc<Producer> {
+        self.producers.of(partition)
     }
 
-    /// An idempotent producer that hit a fatal error (e.g. `OutOfOrderSequenceNumber`) refuses
-    /// every later record: replace it. The writers read their partitions back before trusting
-    /// their state again.
-    fn replace_producer_if_fatal(&self) {
-        let mut producer = self.producer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some((code, reason)) = producer.client().fatal_error() else { return };
-        tracing::error!(code = ?code, reason = %reason, "the producer failed fatally; replacing it");
-        metrics::counter!("keel_producer_replacements_total", "topic" => self.topic.clone()).increment(1);
-        match kafka::producer(&self.kafka) {
-            Ok(replacement) => *producer = replacement,
-            Err(error) => tracing::error!(error = %format!("{error:#}"), "failed to create a new producer"),
-        }
+    fn replace_producer_if_fatal(&self, partition: i32) {
+        self.producers.replace_if_fatal(partition);
     }
 }
 
@@ -245,28 +289,23 @@ pub struct Engine<M: Model> {
 }
 
 impl<M: Model> Engine<M> {
-    /// Registers the topic's schema and sizes the topic; nothing is owned until [`Self::run`].
-    pub async fn new(
-        model: M,
-        kafka_config: &KafkaConfig,
-        topic: String,
-        codec: SchemaRegistryCodec,
-        pool: PgPool,
-        endpoint: String,
-        settings: Settings,
-    ) -> anyhow::Result<Self> {
-        let schema_id = codec.register(M::TOPIC).await.context("failed to register the topic's schema")?;
+    /// Registers the topic's schema and sizes the topic; nothing is owned until [`Self::serve`].
+    pub async fn new(model: M, context: &EngineContext, topic: String) -> anyhow::Result<Self> {
+        let schema_id = context.codec.register(M::TOPIC).await.context("failed to register the topic's schema")?;
         tracing::info!(topic = %topic, schema_id, "schema registered");
-        let metadata = kafka::consumer(kafka_config, "keel-commands-metadata")?;
+        let metadata = kafka::consumer(&context.kafka, "keel-commands-metadata")?;
         let partitions = kafka::partition_count(&metadata, &topic, Duration::from_secs(10)).await? as i32;
         let shared = Shared {
-            kafka: kafka_config.clone(),
+            kafka: context.kafka.clone(),
             topic: topic.clone(),
-            codec,
-            producer: Mutex::new(kafka::producer(kafka_config)?),
-            queries: Arc::new(kafka::client_config(kafka_config).create().context("failed to create a query client")?),
-            snapshots: SnapshotStore::new(pool.clone(), topic.clone()),
-            settings,
+            codec: context.codec.clone(),
+            producers: context.producers.clone(),
+            queries: Arc::new(
+                kafka::client_config(&context.kafka).create().context("failed to create a query client")?,
+            ),
+            snapshots: SnapshotStore::new(context.pool.clone(), topic.clone()),
+            settings: context.settings.clone(),
+            announcer: context.announcer.clone(),
         };
         Ok(Self {
             model: Arc::new(model),
@@ -274,7 +313,7 @@ impl<M: Model> Engine<M> {
             partitions,
             writers: RwLock::new(HashMap::new()),
             assigned: RwLock::new(None),
-            owners: OwnerDirectory::new(pool, topic, endpoint),
+            owners: OwnerDirectory::new(context.pool.clone(), topic, context.endpoint.clone()),
         })
     }
 
@@ -353,7 +392,7 @@ impl<M: Model> Engine<M> {
             traceparent: None,
         };
         let decide: Decide<M> = Box::new(|_, _| Ok(Vec::new()));
-        let command = Command { aggregate_id, expected_version: None, meta, claims: Vec::new(), name: "Read", decide };
+        let command = Command { aggregate_id, expected_version: None, meta, name: "Read", decide };
         self.dispatch(command).await
     }
 
@@ -368,7 +407,6 @@ impl<M: Model> Engine<M> {
             aggregate_id: command.aggregate_id,
             expected_version: command.expected_version,
             meta: command.meta,
-            claims: command.claims,
             decide: command.decide,
             deadline: received + self.shared.settings.command_timeout,
             reply: Reply { sender, received, service: M::SERVICE, command: command.name },

@@ -31,15 +31,21 @@ impl OwnerDirectory {
 
     pub async fn claim(&self, partition: i32) -> anyhow::Result<Claim> {
         let claim = Claim(Uuid::now_v7());
+        // One statement: the row and its announcement commit together.
         sqlx::query(
-            "INSERT INTO command_owners (topic, partition, instance, endpoint, since) VALUES ($1, $2, $3, $4, now())
-             ON CONFLICT (topic, partition) DO UPDATE
-                 SET instance = excluded.instance, endpoint = excluded.endpoint, since = excluded.since",
+            "WITH claimed AS (
+                 INSERT INTO command_owners (topic, partition, instance, endpoint, since) VALUES ($1, $2, $3, $4, now())
+                 ON CONFLICT (topic, partition) DO UPDATE
+                     SET instance = excluded.instance, endpoint = excluded.endpoint, since = excluded.since
+                 RETURNING 1
+             )
+             SELECT pg_notify($5, $1) FROM claimed",
         )
         .bind(&self.topic)
         .bind(partition)
         .bind(claim.0)
         .bind(&self.endpoint)
+        .bind(keel_topics::OWNERS_CHANNEL)
         .execute(&self.pool)
         .await
         .context("failed to record partition ownership")?;
@@ -49,13 +55,19 @@ impl OwnerDirectory {
     /// Removes the row of `claim`, not a row a newer owner (or a newer spell of this instance's)
     /// wrote meanwhile.
     pub async fn release(&self, partition: i32, claim: Claim) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM command_owners WHERE topic = $1 AND partition = $2 AND instance = $3")
-            .bind(&self.topic)
-            .bind(partition)
-            .bind(claim.0)
-            .execute(&self.pool)
-            .await
-            .context("failed to withdraw partition ownership")?;
+        sqlx::query(
+            "WITH released AS (
+                 DELETE FROM command_owners WHERE topic = $1 AND partition = $2 AND instance = $3 RETURNING 1
+             )
+             SELECT pg_notify($4, $1) FROM released",
+        )
+        .bind(&self.topic)
+        .bind(partition)
+        .bind(claim.0)
+        .bind(keel_topics::OWNERS_CHANNEL)
+        .execute(&self.pool)
+        .await
+        .context("failed to withdraw partition ownership")?;
         Ok(())
     }
 

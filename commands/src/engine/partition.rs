@@ -51,6 +51,13 @@ impl<S> Entry<S> {
     }
 }
 
+/// How to take back one speculative commit ([`PartitionState::apply_tracked`]).
+pub struct Undo<S> {
+    id: Uuid,
+    previous: Option<Entry<S>>,
+    next_offset: i64,
+}
+
 pub struct PartitionState<M: Model> {
     pub partition: i32,
     /// The next offset to read: everything before it is applied.
@@ -101,6 +108,38 @@ impl<M: Model> PartitionState<M> {
         }
         self.next_offset = offset + 1;
         self.admit(offset, header, events)
+    }
+
+    /// Like [`Self::apply`], keeping what it takes to undo it.
+    pub fn apply_tracked(
+        &mut self,
+        offset: i64,
+        header: &CommitHeader,
+        events: &[M::Event],
+    ) -> (Option<Verdict>, Undo<M::State>) {
+        let undo = Undo {
+            id: header.aggregate_id,
+            previous: self.entries.get(&header.aggregate_id).cloned(),
+            next_offset: self.next_offset,
+        };
+        (self.apply(offset, header, events), undo)
+    }
+
+    /// Takes back a commit applied with [`Self::apply_tracked`]; undos go in reverse order.
+    pub fn undo(&mut self, undo: Undo<M::State>) {
+        let empty = M::State::default();
+        let current = self.entries.remove(&undo.id);
+        let after = current.as_ref().map_or(&empty, |entry| &entry.state);
+        let before = undo.previous.as_ref().map_or(&empty, |entry| &entry.state);
+        M::reindex(&mut self.index, undo.id, after, before);
+        if let Some(previous) = undo.previous {
+            self.entries.insert(undo.id, previous);
+            // Whatever a snapshot took meanwhile, the row must be written as it is now.
+            self.dirty.insert(undo.id);
+        } else {
+            self.dirty.remove(&undo.id);
+        }
+        self.next_offset = undo.next_offset;
     }
 
     /// The rule's verdict on a commit at the current state, without applying it.

@@ -1,68 +1,132 @@
 //! The writer of one partition: a task that owns the partition's state, decides queued commands
-//! in batches, produces their commits together and answers each caller only once its commit is
-//! both acknowledged by the broker and valid in the log.
+//! in batches and produces their commits without waiting for the previous batch's
+//! acknowledgement. Each caller is answered only once its commit is both acknowledged by the
+//! broker and known to be valid in the log.
 //!
-//! "Valid in the log" is checked, not assumed: after a batch, if the commits landed exactly at
-//! the offsets that follow the writer's state, nothing else was written in between and each one
-//! is valid as decided. Otherwise another writer appended to the partition (a zombie, or an
-//! owner during a rebalance): the writer reads the log from its state onwards, applies every
-//! record by the shared rule, and acknowledges only the commits the rule admitted. A write that
-//! lost the race is answered UNAVAILABLE; the caller's retry (same command id) is decided again.
+//! Decisions are speculative: a batch is decided against the state with every commit still in
+//! flight already applied, on the bet that they land at the offsets that follow (one writer per
+//! partition; an idempotent producer keeps their order). Each acknowledgement checks the bet: a
+//! commit that landed exactly at the offset it was decided for is valid as decided, since nothing
+//! else was written before it. When the bet fails (another writer appended — a zombie, or two
+//! owners during a rebalance — or an append's outcome is unknown), the writer stops deciding,
+//! waits for what is in flight, takes its speculative state back to what is confirmed, reads the
+//! log from there applying every record by the shared rule, and answers each caller by what the
+//! rule says of its commit. A write that lost a race is answered UNAVAILABLE; the caller's retry
+//! (same command id) is decided again.
+//!
+//! An answer that appends nothing (a refusal, a no-op, a read, or the first result of a command
+//! whose commit is itself still in flight) is only as good as the state it was decided on, so it
+//! waits until that state is proven to be the log's: when a commit of this writer lands at the
+//! position the answer was decided at or later (nothing foreign came before it), or, when
+//! nothing is in flight, when the high watermark says the log ends where the state does.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
+    future::Future,
+    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use futures::{FutureExt, future::join_all};
+use futures::{FutureExt, StreamExt, future::join_all, stream::FuturesOrdered};
 use keel_domain::DomainEvent;
+use keel_topics::producer;
 use keel_topics::{
     CommitHeader, EventMeta, Position, Verdict,
     reader::PartitionReader,
     record::{self, Record},
 };
-use rdkafka::{message::Message, producer::FutureRecord};
+use rdkafka::message::Message;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Model, Outcome, Reply, Request, Shared, partition::PartitionState};
+use super::{
+    Model, Outcome, Request, Shared,
+    partition::{PartitionState, Undo},
+};
 use crate::{Accepted, CommandError, CommandMeta};
 
 /// How long reading a partition to its end may wait for the next record.
 const READ_BACK_STALL: Duration = Duration::from_secs(10);
+/// Batches produced and not yet acknowledged; beyond it, deciding waits.
+const MAX_IN_FLIGHT: usize = 32;
+/// How long a writer that lets go of its partition waits for what it has in flight.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+/// How soon an urgent snapshot is tried again while the previous one is still being written.
+const URGENT_SNAPSHOT_RETRY: Duration = Duration::from_millis(100);
 
 /// What a command comes to before anything is sent.
 enum Decision<M: Model> {
-    Answer(Result<Accepted, CommandError>),
+    /// An answer that appends nothing, and the aggregate's state it was decided on.
+    Answer(Result<Accepted, CommandError>, M::State),
     Append(CommitHeader, Vec<M::Event>),
 }
 
-/// A decided command on its way to the broker.
-struct Pending<M: Model> {
-    reply: Reply<M::State>,
+/// A decided commit on its way to the broker, applied to the state at the offset it is expected
+/// to land at.
+struct Speculative<M: Model> {
+    request: Request<M>,
     header: CommitHeader,
     events: Vec<M::Event>,
+    offset: i64,
+    /// The aggregate's state just after this commit.
+    state: M::State,
+    /// How to take it back; taken when it is.
+    undo: Option<Undo<M::State>>,
+}
+
+/// Where a produced commit landed, as the broker said.
+type Delivered = Result<i64, CommandError>;
+type Deliveries = Pin<Box<dyn Future<Output = Vec<Delivered>> + Send>>;
+
+/// A batch in flight: its commits in offset order.
+struct InFlight<M: Model> {
+    commits: Vec<Speculative<M>>,
+}
+
+/// A batch the broker answered while the writer was out of sync, waiting for the log's verdict.
+struct Unsettled<M: Model> {
+    commits: Vec<Speculative<M>>,
+    delivered: Vec<Delivered>,
+}
+
+/// An answer that appends nothing, waiting for the state it was decided on to be proven.
+struct Waiting<M: Model> {
+    request: Request<M>,
+    outcome: Result<Accepted, CommandError>,
+    state: M::State,
+    /// Given once every offset below this is confirmed.
+    needs: i64,
+    /// Whether it stands on the absence of a foreign commit at `needs - 1` (a refusal, a no-op,
+    /// a read) rather than on a commit of this writer (a replayed first result).
+    refusal: bool,
 }
 
 pub(super) struct PartitionWriter<M: Model> {
     model: Arc<M>,
     shared: Arc<Shared>,
+    /// The state with every commit in flight applied.
     state: PartitionState<M>,
-    /// Set while the state may lag the log (after an append with an unknown outcome).
+    /// Offsets below it are in the log as the state has them.
+    confirmed: i64,
+    in_flight: VecDeque<InFlight<M>>,
+    deliveries: FuturesOrdered<Deliveries>,
+    /// Batches answered by the broker since the bet failed, oldest first.
+    unsettled: Vec<Unsettled<M>>,
+    waiting: Vec<Waiting<M>>,
+    /// Set when a bet failed: nothing is decided until the state is the log's again.
     out_of_sync: bool,
     /// Records applied since the last snapshot was taken.
     since_snapshot: u64,
+    /// A snapshot taken at a position not yet confirmed; written once it is.
+    pending_snapshot: Option<(i64, super::partition::Entries<M::State>)>,
     /// The snapshot being written; it hands back the aggregates it failed to write.
     snapshot: Option<JoinHandle<Result<(), Vec<Uuid>>>>,
     /// A change that must reach the snapshot store soon (see [`Model::snapshot_at_once`]).
     snapshot_due: bool,
 }
-
-/// How soon an urgent snapshot is tried again while the previous one is still being written.
-const URGENT_SNAPSHOT_RETRY: Duration = Duration::from_millis(100);
 
 impl<M: Model> PartitionWriter<M> {
     /// Loads the partition: its snapshot, then the tail of the log after it.
@@ -80,8 +144,22 @@ impl<M: Model> PartitionWriter<M> {
         );
         let restored = snapshot.entries.len();
         let state = PartitionState::restore(partition, snapshot.next_offset, snapshot.entries);
-        let mut writer =
-            Self { model, shared, state, out_of_sync: false, since_snapshot: 0, snapshot: None, snapshot_due: false };
+        let confirmed = state.next_offset();
+        let mut writer = Self {
+            model,
+            shared,
+            state,
+            confirmed,
+            in_flight: VecDeque::new(),
+            deliveries: FuturesOrdered::new(),
+            unsettled: Vec::new(),
+            waiting: Vec::new(),
+            out_of_sync: false,
+            since_snapshot: 0,
+            pending_snapshot: None,
+            snapshot: None,
+            snapshot_due: false,
+        };
         let from = writer.state.next_offset();
         writer.catch_up(&mut HashMap::new()).await?;
         let replayed = writer.state.next_offset() - from;
@@ -107,68 +185,89 @@ impl<M: Model> PartitionWriter<M> {
 
     /// Serves `commands` until the partition is revoked (`revoked`) or every sender is gone.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Request<M>>, revoked: CancellationToken) {
-        let mut deferred = VecDeque::new();
+        // Commands to decide, oldest first (ones to decide again go to the front).
+        let mut queue: VecDeque<Request<M>> = VecDeque::new();
+        let mut open = true;
         loop {
-            let mut backoff = Duration::from_millis(100);
-            while self.out_of_sync {
-                if revoked.is_cancelled() {
-                    break;
-                }
-                match self.catch_up(&mut HashMap::new()).await {
-                    Ok(()) => self.out_of_sync = false,
-                    Err(error) => {
-                        tracing::error!(partition = self.state.partition, error = %format!("{error:#}"), "failed to catch up with the log; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-            if deferred.is_empty() {
-                tokio::select! {
-                    biased;
-                    () = revoked.cancelled() => break,
-                    request = commands.recv() => match request {
-                        Some(request) => deferred.push_back(request),
-                        None => break,
-                    },
-                    // An urgent snapshot that found the last one still running tries again.
-                    () = tokio::time::sleep(URGENT_SNAPSHOT_RETRY), if self.snapshot_due => {
-                        self.take_snapshot();
-                        continue;
-                    }
-                }
-            }
-            if revoked.is_cancelled() {
+            if revoked.is_cancelled() || (!open && queue.is_empty() && self.in_flight.is_empty()) {
                 break;
             }
-            while deferred.len() < self.shared.settings.max_batch {
-                match commands.try_recv() {
-                    Ok(request) => deferred.push_back(request),
-                    Err(_) => break,
+            if self.in_flight.is_empty() {
+                if self.out_of_sync {
+                    self.resync(&mut queue, &revoked).await;
+                    continue;
+                }
+                if self.waiting.iter().any(|waiting| waiting.needs > self.confirmed) {
+                    self.verify_at_rest(&mut queue).await;
+                    continue;
                 }
             }
-            let batch: Vec<_> = deferred.drain(..deferred.len().min(self.shared.settings.max_batch)).collect();
-            let postponed = self.process(batch).await;
-            for request in postponed.into_iter().rev() {
-                deferred.push_front(request);
+            let room = !self.out_of_sync && self.in_flight.len() < MAX_IN_FLIGHT;
+            if room && !queue.is_empty() {
+                while queue.len() < self.shared.settings.max_batch {
+                    match commands.try_recv() {
+                        Ok(request) => queue.push_back(request),
+                        Err(_) => break,
+                    }
+                }
+                let batch: Vec<_> = queue.drain(..queue.len().min(self.shared.settings.max_batch)).collect();
+                self.decide_and_send(batch, &mut queue).await;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = revoked.cancelled() => break,
+                Some(delivered) = self.deliveries.next(), if !self.deliveries.is_empty() => self.settle(delivered),
+                request = commands.recv(), if room && open => match request {
+                    Some(request) => queue.push_back(request),
+                    None => open = false,
+                },
+                // An urgent snapshot that found the last one still running tries again.
+                () = tokio::time::sleep(URGENT_SNAPSHOT_RETRY), if self.snapshot_due => self.take_snapshot(),
             }
             if self.since_snapshot >= self.shared.settings.snapshot_every || self.snapshot_due {
                 self.take_snapshot();
             }
         }
-        // Let go: whatever waits is answered, the caller retries on the next owner.
+        self.release(commands, queue).await;
+    }
+
+    /// Lets go of the partition: what is in flight gets its answer if the broker gives it in
+    /// time, the rest is told to retry (on the next owner).
+    async fn release(mut self, mut commands: mpsc::Receiver<Request<M>>, mut queue: VecDeque<Request<M>>) {
         commands.close();
         while let Ok(request) = commands.try_recv() {
-            deferred.push_back(request);
+            queue.push_back(request);
         }
-        for request in deferred {
-            request.reply.fail(CommandError::Unavailable("the partition is moving to another owner; retry".into()));
+        let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+        while !self.deliveries.is_empty() && !self.out_of_sync {
+            match tokio::time::timeout_at(deadline, self.deliveries.next()).await {
+                Ok(Some(delivered)) => self.settle(delivered),
+                _ => break,
+            }
+        }
+        let moving = || CommandError::Unavailable("the partition is moving to another owner; retry".into());
+        let unanswered = std::mem::take(&mut self.in_flight).into_iter().map(|batch| batch.commits);
+        let unsettled = std::mem::take(&mut self.unsettled).into_iter().map(|batch| batch.commits);
+        for commit in unanswered.chain(unsettled).flatten() {
+            commit.request.reply.fail(unknown_outcome());
+        }
+        for waiting in std::mem::take(&mut self.waiting) {
+            if waiting.needs <= self.confirmed {
+                waiting.request.reply.send(waiting.outcome.map(|accepted| Outcome { accepted, state: waiting.state }));
+            } else {
+                waiting.request.reply.fail(moving());
+            }
+        }
+        for request in queue {
+            request.reply.fail(moving());
         }
         if let Some(snapshot) = self.snapshot.take() {
             self.reap(snapshot.await);
         }
-        if !self.out_of_sync {
+        if !self.out_of_sync && self.state.next_offset() == self.confirmed {
             self.take_snapshot();
+            self.write_pending_snapshot();
             if let Some(snapshot) = self.snapshot.take() {
                 let _ = snapshot.await;
             }
@@ -176,70 +275,338 @@ impl<M: Model> PartitionWriter<M> {
         tracing::info!(partition = self.state.partition, "partition released");
     }
 
-    /// A finished snapshot's aggregates that were not written are changes still to write: a
-    /// later snapshot must not move the position past them without them.
-    fn reap(&mut self, finished: Result<Result<(), Vec<Uuid>>, tokio::task::JoinError>) {
-        match finished {
-            Ok(Ok(())) => {}
-            Ok(Err(unwritten)) => self.state.mark_dirty(unwritten),
-            Err(_) => {
-                tracing::error!(
-                    partition = self.state.partition,
-                    "a snapshot task failed; every aggregate will be written again"
-                );
-                self.state.mark_all_dirty();
+    /// Decides a batch against the speculative state and produces its commits.
+    async fn decide_and_send(&mut self, batch: Vec<Request<M>>, queue: &mut VecDeque<Request<M>>) {
+        metrics::histogram!("keel_command_batch_size", "topic" => self.shared.topic.clone()).record(batch.len() as f64);
+        let now = Instant::now();
+        let mut commits: Vec<Speculative<M>> = Vec::new();
+        for request in batch {
+            if request.deadline <= now {
+                request.reply.fail(CommandError::Unavailable(
+                    "the command waited too long to be decided; retry with the same command id".into(),
+                ));
+                continue;
             }
-        }
-    }
-
-    /// Writes what changed since the last snapshot, in the background; one at a time.
-    fn take_snapshot(&mut self) {
-        if self.snapshot.as_ref().is_some_and(|snapshot| !snapshot.is_finished()) {
-            return;
-        }
-        if let Some(snapshot) = self.snapshot.take() {
-            // Finished, but polling may still say "not yet" (the task budget): then next time.
-            match snapshot.now_or_never() {
-                Some(finished) => self.reap(finished),
-                None => return,
-            }
-        }
-        self.snapshot_due = false;
-        if self.state.dirty_count() == 0 {
-            return;
-        }
-        let (next_offset, entries) = self.state.take_dirty();
-        self.since_snapshot = 0;
-        let store = self.shared.snapshots.clone();
-        let partition = self.state.partition;
-        self.snapshot = Some(tokio::spawn(async move {
-            let started = Instant::now();
-            match store.save(partition, next_offset, &entries).await {
-                Ok(()) => {
-                    tracing::debug!(
-                        partition,
-                        next_offset,
-                        aggregates = entries.len(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "snapshot taken"
-                    );
-                    Ok(())
+            match self.decide(&request) {
+                Decision::Answer(outcome, state) => self.answer_when_proven(request, outcome, state),
+                Decision::Append(header, events) => {
+                    let offset = self.state.next_offset();
+                    let (verdict, undo) = self.state.apply_tracked(offset, &header, &events);
+                    debug_assert_eq!(verdict, Some(Verdict::Valid), "decided on this very state");
+                    if events.iter().any(M::snapshot_at_once) {
+                        self.snapshot_due = true;
+                    }
+                    let state =
+                        self.state.entry(header.aggregate_id).map(|entry| entry.state.clone()).unwrap_or_default();
+                    self.since_snapshot += 1;
+                    commits.push(Speculative { request, header, events, offset, state, undo: Some(undo) });
                 }
+            }
+        }
+        if commits.is_empty() {
+            return;
+        }
+        let (model, shared) = (self.model.clone(), self.shared.clone());
+        let encoded =
+            join_all(commits.iter().map(|commit| encode(&*model, &shared, &commit.header, &commit.events))).await;
+        let mut deliveries = Vec::with_capacity(commits.len());
+        let mut failed = None;
+        for (index, (commit, encoded)) in commits.iter_mut().zip(encoded).enumerate() {
+            let sent = encoded.and_then(|(payload, sealed)| {
+                commit.header.sealed = sealed;
+                self.send(&commit.header, &payload)
+            });
+            match sent {
+                Ok(delivery) => deliveries.push(delivery),
                 Err(error) => {
-                    tracing::error!(partition, error = %format!("{error:#}"), "failed to write a snapshot");
-                    Err(entries.into_iter().map(|(id, _)| id).collect())
+                    failed = Some((index, error));
+                    break;
                 }
             }
-        }));
+        }
+        if let Some((index, error)) = failed {
+            // Nothing from here on was produced: take it back. The failed command is told to
+            // retry; the ones after it (and answers decided on top of it) are decided again.
+            let mut not_sent = commits.split_off(index);
+            let from = not_sent[0].offset;
+            while let Some(mut commit) = not_sent.pop() {
+                if let Some(undo) = commit.undo.take() {
+                    self.state.undo(undo);
+                }
+                if not_sent.is_empty() {
+                    commit.request.reply.fail(error.clone());
+                } else {
+                    queue.push_front(commit.request);
+                }
+            }
+            self.decide_again_from(from, queue);
+            tracing::warn!(partition = self.state.partition, error = %error, "failed to produce a commit");
+        }
+        if commits.is_empty() {
+            return;
+        }
+        metrics::gauge!("keel_command_in_flight_batches", "topic" => self.shared.topic.clone())
+            .set((self.in_flight.len() + 1) as f64);
+        self.deliveries.push_back(Box::pin(join_all(deliveries)));
+        self.in_flight.push_back(InFlight { commits });
+    }
+}
+
+impl<M: Model> PartitionWriter<M> {
+    /// Decides one command against the speculative state.
+    fn decide(&self, request: &Request<M>) -> Decision<M> {
+        let aggregate_id = request.aggregate_id;
+        let entry = self.state.entry(aggregate_id);
+        let state = || entry.map(|entry| entry.state.clone()).unwrap_or_default();
+        let current = entry.map_or(0, |entry| entry.version());
+        if let Some(first) = self.first_result(aggregate_id, request.meta.command_id) {
+            return Decision::Answer(Ok(first), state());
+        }
+        if request.expected_version.is_some_and(|expected| expected != current) {
+            return Decision::Answer(Err(CommandError::VersionConflict { current }), state());
+        }
+        let default = M::State::default();
+        let decided_on = entry.map_or(&default, |entry| &entry.state);
+        match (request.decide)(decided_on, self.state.index()) {
+            Err(error) => Decision::Answer(Err(error), state()),
+            Ok(events) if events.is_empty() => Decision::Answer(
+                Ok(Accepted { aggregate_id, version: current, position: None, replayed: false }),
+                state(),
+            ),
+            Ok(events) => Decision::Append(commit_header(aggregate_id, &request.meta, current, &events), events),
+        }
     }
 
-    /// Applies a record to the state, noting a change that must be snapshotted soon.
-    fn apply(&mut self, offset: i64, header: &CommitHeader, events: &[M::Event]) -> Option<Verdict> {
-        let verdict = self.state.apply(offset, header, events);
-        if verdict == Some(Verdict::Valid) && events.iter().any(M::snapshot_at_once) {
-            self.snapshot_due = true;
+    /// Gives an answer that appends nothing once the state it was decided on is proven: at once
+    /// when it already is.
+    fn answer_when_proven(&mut self, request: Request<M>, outcome: Result<Accepted, CommandError>, state: M::State) {
+        let (needs, refusal) = match &outcome {
+            // A first result stands on its own commit.
+            Ok(accepted) if accepted.replayed => {
+                (accepted.position.as_ref().map_or(0, |position| position.offset + 1), false)
+            }
+            // Anything else stands on nothing foreign at the position it was decided at.
+            _ => (self.state.next_offset() + 1, true),
+        };
+        let waiting = Waiting { request, outcome, state, needs, refusal };
+        if waiting.needs <= self.confirmed {
+            Self::give(waiting);
+        } else {
+            self.waiting.push(waiting);
         }
-        verdict
+    }
+
+    fn give(waiting: Waiting<M>) {
+        waiting.request.reply.send(waiting.outcome.map(|accepted| Outcome { accepted, state: waiting.state }));
+    }
+
+    /// Answers that wait and were decided on a state from `from` on, which is being taken back,
+    /// go back to the queue to be decided again.
+    fn decide_again_from(&mut self, from: i64, queue: &mut VecDeque<Request<M>>) {
+        let (again, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|w| w.needs > from);
+        self.waiting = keep;
+        for waiting in again.into_iter().rev() {
+            queue.push_front(waiting.request);
+        }
+    }
+
+    /// Takes the broker's answers for the oldest batch in flight.
+    fn settle(&mut self, delivered: Vec<Delivered>) {
+        let Some(batch) = self.in_flight.pop_front() else { return };
+        let landed_as_bet = !self.out_of_sync
+            && delivered.len() == batch.commits.len()
+            && batch
+                .commits
+                .iter()
+                .zip(&delivered)
+                .all(|(commit, outcome)| outcome.as_ref().is_ok_and(|offset| *offset == commit.offset));
+        if !landed_as_bet {
+            if !self.out_of_sync {
+                self.out_of_sync = true;
+                metrics::counter!("keel_command_batches_read_back_total", "topic" => self.shared.topic.clone())
+                    .increment(1);
+            }
+            // Answered once the log is read back (see `resync`).
+            self.unsettled.push(Unsettled { commits: batch.commits, delivered });
+            return;
+        }
+        for commit in batch.commits {
+            self.confirmed = commit.offset + 1;
+            let accepted = Accepted {
+                aggregate_id: commit.header.aggregate_id,
+                version: commit.header.version_after(),
+                position: Some(self.position(commit.offset)),
+                replayed: false,
+            };
+            commit.request.reply.send(Ok(Outcome { accepted, state: commit.state }));
+        }
+        self.shared.announcer.appended(&self.shared.topic, self.state.partition, self.confirmed);
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|waiting| waiting.needs <= self.confirmed);
+        self.waiting = waiting;
+        ready.into_iter().for_each(Self::give);
+        self.write_pending_snapshot();
+        metrics::gauge!("keel_command_in_flight_batches", "topic" => self.shared.topic.clone())
+            .set(self.in_flight.len() as f64);
+    }
+
+    /// Nothing is in flight: proves the state of the answers still waiting (refusals decided at
+    /// the end of the state) with the high watermark, or reads the log and decides them again.
+    async fn verify_at_rest(&mut self, queue: &mut VecDeque<Request<M>>) {
+        match self.shared.high_watermark(self.state.partition).await {
+            Ok(high) if high <= self.state.next_offset() => {
+                // Nothing foreign after the state: every waiting answer holds.
+                for waiting in std::mem::take(&mut self.waiting) {
+                    debug_assert!(waiting.refusal || waiting.needs <= self.confirmed);
+                    Self::give(waiting);
+                }
+            }
+            Ok(_) => {
+                metrics::counter!("keel_command_stale_decisions_total", "topic" => self.shared.topic.clone())
+                    .increment(1);
+                self.decide_again_from(i64::MIN, queue);
+                self.out_of_sync = true;
+            }
+            Err(error) => {
+                tracing::error!(partition = self.state.partition, error = %format!("{error:#}"), "cannot tell whether the state is current");
+                for waiting in std::mem::take(&mut self.waiting) {
+                    waiting.request.reply.fail(CommandError::Unavailable("cannot read the log; retry".into()));
+                }
+            }
+        }
+    }
+
+    /// The bet failed and nothing is in flight any more: takes the speculative state back to
+    /// what is confirmed, reads the log from there by the shared rule, and answers every commit
+    /// that was in flight by the rule's verdict on it. Retries (with backoff) until it succeeds or
+    /// the partition is revoked.
+    async fn resync(&mut self, queue: &mut VecDeque<Request<M>>, revoked: &CancellationToken) {
+        self.shared.replace_producer_if_fatal(self.state.partition);
+        let mut landed: Vec<(Speculative<M>, Delivered)> = Vec::new();
+        for batch in std::mem::take(&mut self.unsettled) {
+            let mut outcomes = batch.delivered.into_iter();
+            for commit in batch.commits {
+                let outcome = outcomes.next().unwrap_or_else(|| Err(unknown_outcome()));
+                landed.push((commit, outcome));
+            }
+        }
+        // Back to what is confirmed, newest first.
+        for (commit, _) in landed.iter_mut().rev() {
+            if let Some(undo) = commit.undo.take() {
+                self.state.undo(undo);
+            }
+        }
+        if let Some((_, entries)) = self.pending_snapshot.take() {
+            self.state.mark_dirty(entries.into_iter().map(|(id, _)| id));
+        }
+        self.decide_again_from(i64::MIN, queue);
+        let mut verdicts: HashMap<i64, Option<Verdict>> = landed
+            .iter()
+            .filter_map(|(_, outcome)| {
+                outcome.as_ref().ok().filter(|offset| **offset >= 0).map(|offset| (*offset, None))
+            })
+            .collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.catch_up(&mut verdicts).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::error!(partition = self.state.partition, error = %format!("{error:#}"), "failed to read the log back; retrying");
+                    // Callers stop waiting after their deadline; tell them now rather than then.
+                    for (commit, _) in landed.drain(..) {
+                        commit.request.reply.fail(unknown_outcome());
+                    }
+                    tokio::select! {
+                        () = revoked.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.confirmed = self.state.next_offset();
+        self.out_of_sync = false;
+        for (commit, outcome) in landed {
+            match outcome {
+                Ok(offset) if offset >= 0 => {
+                    let verdict = verdicts.get(&offset).copied().flatten();
+                    self.answer_landed(commit, offset, verdict);
+                }
+                // Landed, at an offset the broker did not say (a retried duplicate): the retry
+                // finds its first result.
+                Ok(_) => commit.request.reply.fail(unknown_outcome()),
+                Err(error) => {
+                    tracing::warn!(error = %error, command_id = %commit.header.command_id, "append failed; outcome unknown");
+                    commit.request.reply.fail(error);
+                }
+            }
+        }
+        self.shared.announcer.appended(&self.shared.topic, self.state.partition, self.confirmed);
+    }
+
+    /// Answers a command whose commit the broker acknowledged at `offset`, by the rule's verdict.
+    fn answer_landed(&self, commit: Speculative<M>, offset: i64, verdict: Option<Verdict>) {
+        let aggregate_id = commit.header.aggregate_id;
+        let state = || self.state.entry(aggregate_id).map(|entry| entry.state.clone()).unwrap_or_default();
+        let outcome = match verdict {
+            Some(Verdict::Valid) => Ok(Accepted {
+                aggregate_id,
+                version: commit.header.version_after(),
+                position: Some(self.position(offset)),
+                replayed: false,
+            }),
+            // The same command was applied before ours landed (a second writer had it too): its
+            // first result stands.
+            Some(Verdict::DuplicateCommand) => match self.first_result(aggregate_id, commit.header.command_id) {
+                Some(first) => Ok(first),
+                None => Err(unknown_outcome()),
+            },
+            _ => {
+                metrics::counter!("keel_command_lost_races_total", "topic" => self.shared.topic.clone()).increment(1);
+                tracing::warn!(%aggregate_id, offset, ?verdict, "a concurrent writer got there first; the commit is void");
+                Err(CommandError::Unavailable("a concurrent writer changed the aggregate; retry".into()))
+            }
+        };
+        commit.request.reply.send(outcome.map(|accepted| Outcome { accepted, state: state() }));
+    }
+
+    fn position(&self, offset: i64) -> Position {
+        Position { topic: self.shared.topic.clone(), partition: self.state.partition, offset }
+    }
+
+    fn first_result(&self, aggregate_id: Uuid, command_id: Uuid) -> Option<Accepted> {
+        let result = self.state.entry(aggregate_id)?.result_of(command_id)?;
+        Some(Accepted {
+            aggregate_id,
+            version: result.version,
+            position: Some(self.position(result.offset)),
+            replayed: true,
+        })
+    }
+
+    /// Hands one commit to the producer; its delivery resolves to the offset it landed at.
+    fn send(
+        &self,
+        header: &CommitHeader,
+        payload: &[u8],
+    ) -> Result<Pin<Box<dyn Future<Output = Delivered> + Send>>, CommandError> {
+        let key = header.aggregate_id.to_string();
+        let record = producer::Record {
+            topic: &self.shared.topic,
+            partition: Some(self.state.partition),
+            key: key.as_bytes(),
+            payload,
+            headers: header.to_headers(),
+        };
+        let delivery = self
+            .shared
+            .producer(self.state.partition)
+            .send(record)
+            .map_err(|error| CommandError::Unavailable(format!("the producer refused the record: {error}")))?;
+        Ok(Box::pin(delivery.map(|outcome| {
+            outcome.map_err(|error| CommandError::Unavailable(format!("the broker did not acknowledge: {error}")))
+        })))
     }
 
     /// Reads the partition from the state's next offset to the current end of the log, applying
@@ -292,229 +659,101 @@ impl<M: Model> PartitionWriter<M> {
         Ok(())
     }
 
-    /// Decides and appends one batch. A command touching what an earlier command of the batch
-    /// touches (its aggregate, or a claim such as an email) is postponed to the next batch, so
-    /// that the commits of a batch are independent and one failed append cannot invalidate
-    /// another, acknowledged one.
-    async fn process(&mut self, batch: Vec<Request<M>>) -> Vec<Request<M>> {
-        metrics::histogram!("keel_command_batch_size", "topic" => self.shared.topic.clone()).record(batch.len() as f64);
-        let mut claimed = HashSet::new();
-        let mut postponed = Vec::new();
-        let mut admitted = Vec::new();
-        let now = Instant::now();
-        for request in batch {
-            if request.deadline <= now {
-                request.reply.fail(CommandError::Unavailable(
-                    "the command waited too long to be decided; retry with the same command id".into(),
-                ));
-                continue;
-            }
-            let mut keys = request.claims.iter().cloned().chain([request.aggregate_id.to_string()]);
-            if keys.any(|key| claimed.contains(&key)) {
-                postponed.push(request);
-                continue;
-            }
-            claimed.extend(request.claims.iter().cloned().chain([request.aggregate_id.to_string()]));
-            admitted.push(request);
+    /// Applies a record read from the log to the state, noting a change that must be
+    /// snapshotted soon.
+    fn apply(&mut self, offset: i64, header: &CommitHeader, events: &[M::Event]) -> Option<Verdict> {
+        let verdict = self.state.apply(offset, header, events);
+        if verdict == Some(Verdict::Valid) && events.iter().any(M::snapshot_at_once) {
+            self.snapshot_due = true;
         }
-        let decisions = match self.decide_fresh(&admitted).await {
-            Ok(decisions) => decisions,
-            Err(error) => {
-                tracing::error!(partition = self.state.partition, error = %format!("{error:#}"), "cannot tell whether the state is current");
-                for request in admitted {
-                    request.reply.fail(CommandError::Unavailable("cannot read the log; retry".into()));
-                }
-                return postponed;
-            }
-        };
-        let mut decided = Vec::new();
-        for (request, decision) in admitted.into_iter().zip(decisions) {
-            match decision {
-                Decision::Answer(outcome) => self.answer(request.reply, outcome),
-                Decision::Append(header, events) => decided.push(Pending { reply: request.reply, header, events }),
+        verdict
+    }
+
+    /// A finished snapshot's aggregates that were not written are changes still to write: a
+    /// later snapshot must not move the position past them without them.
+    fn reap(&mut self, finished: Result<Result<(), Vec<Uuid>>, tokio::task::JoinError>) {
+        match finished {
+            Ok(Ok(())) => {}
+            Ok(Err(unwritten)) => self.state.mark_dirty(unwritten),
+            Err(_) => {
+                tracing::error!(
+                    partition = self.state.partition,
+                    "a snapshot task failed; every aggregate will be written again"
+                );
+                self.state.mark_all_dirty();
             }
         }
-        if decided.is_empty() {
-            return postponed;
+    }
+
+    /// Takes what changed since the last snapshot; it is written once its position is confirmed
+    /// (in the background, one snapshot at a time).
+    fn take_snapshot(&mut self) {
+        if self.pending_snapshot.is_some() || self.snapshot.as_ref().is_some_and(|snapshot| !snapshot.is_finished()) {
+            return;
         }
-        let outcomes = join_all(decided.into_iter().map(|pending| self.append(pending))).await;
-        let from = self.state.next_offset();
-        let mut landed: Vec<i64> = outcomes.iter().filter_map(|(_, outcome)| outcome.as_ref().ok().copied()).collect();
-        landed.sort_unstable();
-        let contiguous =
-            landed.len() == outcomes.len() && landed.iter().zip(from..).all(|(offset, next)| *offset == next);
-        if contiguous {
-            let mut outcomes = outcomes;
-            outcomes.sort_by_key(|(_, outcome)| outcome.as_ref().ok().copied());
-            for (pending, outcome) in outcomes {
-                let offset = outcome.expect("contiguous means every append landed");
-                let verdict = self.apply(offset, &pending.header, &pending.events);
-                self.since_snapshot += 1;
-                debug_assert_eq!(verdict, Some(Verdict::Valid), "nothing else was written in between");
-                self.answer_landed(pending, offset, verdict);
+        if let Some(snapshot) = self.snapshot.take() {
+            // Finished, but polling may still say "not yet" (the task budget): then next time.
+            match snapshot.now_or_never() {
+                Some(finished) => self.reap(finished),
+                None => return,
             }
-            return postponed;
         }
-        // Something else is in the log between our commits, or an append's outcome is unknown:
-        // read what is there and answer by what the rule says of each commit.
-        if outcomes.iter().any(|(_, outcome)| outcome.is_err()) {
-            self.shared.replace_producer_if_fatal();
+        self.snapshot_due = false;
+        if self.state.dirty_count() == 0 {
+            return;
         }
-        let mut verdicts: HashMap<i64, Option<Verdict>> = landed.iter().map(|offset| (*offset, None)).collect();
-        if let Err(error) = self.catch_up(&mut verdicts).await {
-            tracing::error!(partition = self.state.partition, error = %format!("{error:#}"), "failed to read back a batch");
-            self.out_of_sync = true;
-            for (pending, _) in outcomes {
-                pending.reply.fail(unknown_outcome());
-            }
-            return postponed;
+        self.since_snapshot = 0;
+        self.pending_snapshot = Some(self.state.take_dirty());
+        self.write_pending_snapshot();
+    }
+
+    /// Writes the pending snapshot if its position is confirmed.
+    fn write_pending_snapshot(&mut self) {
+        if self.pending_snapshot.as_ref().is_none_or(|(next_offset, _)| *next_offset > self.confirmed) {
+            return;
         }
-        metrics::counter!("keel_command_batches_read_back_total", "topic" => self.shared.topic.clone()).increment(1);
-        for (pending, outcome) in outcomes {
-            match outcome {
-                Ok(offset) => {
-                    let verdict = verdicts.get(&offset).copied().flatten();
-                    self.answer_landed(pending, offset, verdict);
+        let Some((next_offset, entries)) = self.pending_snapshot.take() else { return };
+        let store = self.shared.snapshots.clone();
+        let partition = self.state.partition;
+        self.snapshot = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            match store.save(partition, next_offset, &entries).await {
+                Ok(()) => {
+                    tracing::debug!(
+                        partition,
+                        next_offset,
+                        aggregates = entries.len(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "snapshot taken"
+                    );
+                    Ok(())
                 }
                 Err(error) => {
-                    tracing::warn!(error = %error, command_id = %pending.header.command_id, "append failed; outcome unknown");
-                    pending.reply.fail(error);
+                    tracing::error!(partition, error = %format!("{error:#}"), "failed to write a snapshot");
+                    Err(entries.into_iter().map(|(id, _)| id).collect())
                 }
             }
-        }
-        postponed
+        }));
     }
+}
 
-    /// Answers a command whose commit the broker acknowledged at `offset`, by the rule's verdict.
-    fn answer_landed(&self, pending: Pending<M>, offset: i64, verdict: Option<Verdict>) {
-        let aggregate_id = pending.header.aggregate_id;
-        let outcome = match verdict {
-            Some(Verdict::Valid) => Ok(Accepted {
-                aggregate_id,
-                version: pending.header.version_after(),
-                position: Some(self.position(offset)),
-                replayed: false,
-            }),
-            // The same command was applied before ours landed (a second writer had it too): its
-            // first result stands.
-            Some(Verdict::DuplicateCommand) => match self.first_result(aggregate_id, pending.header.command_id) {
-                Some(first) => Ok(first),
-                None => Err(unknown_outcome()),
-            },
-            _ => {
-                metrics::counter!("keel_command_lost_races_total", "topic" => self.shared.topic.clone()).increment(1);
-                tracing::warn!(%aggregate_id, offset, ?verdict, "a concurrent writer got there first; the commit is void");
-                Err(CommandError::Unavailable("a concurrent writer changed the aggregate; retry".into()))
-            }
-        };
-        self.answer(pending.reply, outcome);
-    }
-
-    /// Hands a command its outcome, with its aggregate's state as the writer has it now.
-    fn answer(&self, reply: Reply<M::State>, outcome: Result<Accepted, CommandError>) {
-        let outcome = outcome.map(|accepted| {
-            let state = self.state.entry(accepted.aggregate_id).map(|entry| entry.state.clone()).unwrap_or_default();
-            Outcome { accepted, state }
-        });
-        reply.send(outcome);
-    }
-
-    fn position(&self, offset: i64) -> Position {
-        Position { topic: self.shared.topic.clone(), partition: self.state.partition, offset }
-    }
-
-    fn first_result(&self, aggregate_id: Uuid, command_id: Uuid) -> Option<Accepted> {
-        let result = self.state.entry(aggregate_id)?.result_of(command_id)?;
-        Some(Accepted {
-            aggregate_id,
-            version: result.version,
-            position: Some(self.position(result.offset)),
-            replayed: true,
-        })
-    }
-
-    /// Decides the commands of a batch. Appends are checked against the log after the fact; an
-    /// answer without an append (a refusal, a no-op) is only as good as the state it was
-    /// decided on, so when a batch holds one, the state must be as current as the log: else it
-    /// catches up and decides again. (A replayed first result needs no such check: a valid
-    /// commit stays valid.)
-    async fn decide_fresh(&mut self, batch: &[Request<M>]) -> anyhow::Result<Vec<Decision<M>>> {
-        loop {
-            let decisions: Vec<Decision<M>> = batch.iter().map(|request| self.decide(request)).collect();
-            let unverified = decisions
-                .iter()
-                .any(|decision| matches!(decision, Decision::Answer(outcome) if !outcome.as_ref().is_ok_and(|ok| ok.replayed)));
-            if !unverified || self.shared.high_watermark(self.state.partition).await? <= self.state.next_offset() {
-                return Ok(decisions);
-            }
-            metrics::counter!("keel_command_stale_decisions_total", "topic" => self.shared.topic.clone()).increment(1);
-            self.catch_up(&mut HashMap::new()).await?;
-        }
-    }
-
-    /// Decides one command against the state.
-    fn decide(&self, request: &Request<M>) -> Decision<M> {
-        let aggregate_id = request.aggregate_id;
-        let entry = self.state.entry(aggregate_id);
-        let current = entry.map_or(0, |entry| entry.version());
-        if let Some(first) = self.first_result(aggregate_id, request.meta.command_id) {
-            return Decision::Answer(Ok(first));
-        }
-        if request.expected_version.is_some_and(|expected| expected != current) {
-            return Decision::Answer(Err(CommandError::VersionConflict { current }));
-        }
-        let default = M::State::default();
-        let state = entry.map_or(&default, |entry| &entry.state);
-        match (request.decide)(state, self.state.index()) {
-            Err(error) => Decision::Answer(Err(error)),
-            Ok(events) if events.is_empty() => {
-                Decision::Answer(Ok(Accepted { aggregate_id, version: current, position: None, replayed: false }))
-            }
-            Ok(events) => Decision::Append(commit_header(aggregate_id, &request.meta, current, &events), events),
-        }
-    }
-
-    /// Produces one commit to this partition; its offset, or why its outcome is unknown.
-    async fn append(&self, pending: Pending<M>) -> (Pending<M>, Result<i64, CommandError>) {
-        let (value, sealed) = match self.model.encode(pending.header.aggregate_id, &pending.events).await {
-            Ok(encoded) => encoded,
-            Err(error) => {
-                tracing::error!(error = %error, "failed to encode a commit");
-                return (pending, Err(CommandError::Unavailable("cannot encode the commit now; retry".into())));
-            }
-        };
-        let mut pending = pending;
-        pending.header.sealed = sealed;
-        let payload = match self.shared.codec.encode(M::TOPIC, value).await {
-            Ok(payload) => payload,
-            Err(error) => {
-                tracing::error!(error = %error, "failed to encode a commit");
-                return (pending, Err(CommandError::Unavailable("the schema registry is unavailable".into())));
-            }
-        };
-        let key = pending.header.aggregate_id.to_string();
-        let record = FutureRecord::to(&self.shared.topic)
-            .partition(self.state.partition)
-            .key(&key)
-            .payload(&payload)
-            .headers(pending.header.to_headers());
-        // Bind the delivery future first: the refused record (not `Send`) must not live across
-        // the await.
-        let producer = self.shared.producer();
-        let delivery = match producer.send_result(record) {
-            Ok(delivery) => delivery,
-            Err((error, _)) => {
-                let refused = CommandError::Unavailable(format!("the producer refused the record: {error}"));
-                return (pending, Err(refused));
-            }
-        };
-        let outcome = match delivery.await {
-            Ok(Ok(delivery)) => Ok(delivery.offset),
-            Ok(Err((error, _))) => Err(CommandError::Unavailable(format!("the broker did not acknowledge: {error}"))),
-            Err(_) => Err(CommandError::Unavailable("the producer shut down".into())),
-        };
-        (pending, outcome)
-    }
+/// The commit value of one command, sealed where the topic seals personal data, in the Confluent
+/// wire format; and whether it was sealed.
+async fn encode<M: Model>(
+    model: &M,
+    shared: &Shared,
+    header: &CommitHeader,
+    events: &[M::Event],
+) -> Result<(Vec<u8>, bool), CommandError> {
+    let (value, sealed) = model.encode(header.aggregate_id, events).await.map_err(|error| {
+        tracing::error!(error = %error, "failed to encode a commit");
+        CommandError::Unavailable("cannot encode the commit now; retry".into())
+    })?;
+    let payload = shared.codec.encode(M::TOPIC, value).await.map_err(|error| {
+        tracing::error!(error = %error, "failed to encode a commit");
+        CommandError::Unavailable("the schema registry is unavailable".into())
+    })?;
+    Ok((payload, sealed))
 }
 
 fn unknown_outcome() -> CommandError {

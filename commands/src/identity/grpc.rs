@@ -56,7 +56,6 @@ impl IdentityGrpc {
             aggregate_id: id.as_uuid(),
             expected_version,
             meta,
-            claims: Vec::new(),
             name,
             decide: Box::new(move |user: &User, _: &()| user.decide(command()).map_err(domain_error)),
         };

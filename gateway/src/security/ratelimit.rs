@@ -45,22 +45,27 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
-/// GCRA in one round trip, on Redis's clock (so gateways' clocks do not matter). Keys expire once
-/// their bucket is full again.
+/// GCRA over one or more keys in one round trip, on Redis's clock (so gateways' clocks do not
+/// matter): each key in order (`ARGV` holds an interval and a tolerance per key) admits the
+/// request or refuses it, and the first refusal ends the check, as separate checks in that order
+/// would. Returns `{0, 0}` when every key admitted it, `{n, retry ms}` when key `n` refused.
+/// Keys expire once their bucket is full again.
 const GCRA: &str = r"
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000 + tonumber(now_parts[2]) / 1000
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local allow_at = tat - tolerance
-if now < allow_at then
-  return {0, math.ceil(allow_at - now)}
+for index, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[index * 2 - 1])
+  local tolerance = tonumber(ARGV[index * 2])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local allow_at = tat - tolerance
+  if now < allow_at then
+    return {index, math.ceil(allow_at - now)}
+  end
+  local next_tat = tat + interval
+  redis.call('SET', key, tostring(next_tat), 'PX', math.ceil(next_tat - now) + 1000)
 end
-local next_tat = tat + interval
-redis.call('SET', KEYS[1], tostring(next_tat), 'PX', math.ceil(next_tat - now) + 1000)
-return {1, 0}
+return {0, 0}
 ";
 
 pub struct RateLimiter {
@@ -98,22 +103,27 @@ impl RateLimiter {
 
     /// Admits one request under `key` by `rule`, or says when to retry.
     pub async fn check(&self, key: &str, rule: Rule) -> Result<(), Limited> {
-        let key = format!("{}{key}", self.prefix);
+        self.check_all(&[(key, rule)]).await
+    }
+
+    /// Admits one request under every key by its rule, in order, in one round trip: the first
+    /// key that refuses ends the check (the keys before it have counted the request, as separate
+    /// checks would have).
+    pub async fn check_all(&self, limits: &[(&str, Rule)]) -> Result<(), Limited> {
+        let keys: Vec<String> = limits.iter().map(|(key, _)| format!("{}{key}", self.prefix)).collect();
         if let Some(redis) = &self.redis {
             let mut connection = redis.clone();
-            let outcome: redis::RedisResult<(i64, i64)> = self
-                .script
-                .key(&key)
-                .arg(rule.interval_ms())
-                .arg(rule.tolerance_ms())
-                .invoke_async(&mut connection)
-                .await;
+            let mut invocation = self.script.prepare_invoke();
+            for (key, (_, rule)) in keys.iter().zip(limits) {
+                invocation.key(key).arg(rule.interval_ms()).arg(rule.tolerance_ms());
+            }
+            let outcome: redis::RedisResult<(i64, i64)> = invocation.invoke_async(&mut connection).await;
             match outcome {
-                Ok((allowed, retry_ms)) => {
+                Ok((refused_by, retry_ms)) => {
                     if self.degraded.swap(false, Ordering::Relaxed) {
                         tracing::info!("the rate limit store answers again; limits are shared");
                     }
-                    return if allowed == 1 { Ok(()) } else { Err(limited(retry_ms as f64)) };
+                    return if refused_by == 0 { Ok(()) } else { Err(limited(retry_ms as f64)) };
                 }
                 Err(error) => {
                     metrics::counter!("keel_rate_limit_fallbacks_total").increment(1);
@@ -123,7 +133,10 @@ impl RateLimiter {
                 }
             }
         }
-        self.check_locally(key, rule)
+        for (key, (_, rule)) in keys.into_iter().zip(limits) {
+            self.check_locally(key, *rule)?;
+        }
+        Ok(())
     }
 
     fn check_locally(&self, key: String, rule: Rule) -> Result<(), Limited> {

@@ -2,7 +2,7 @@
 //! revoked. Access tokens are verified locally and live for minutes, so logout and deactivation
 //! reach them through the read models (`users`, `auth_sessions`), cached for at most
 //! `gateway.auth.status_cache_ms` and dropped as soon as the projection behind them commits a
-//! batch (see [`crate::invalidation`]).
+//! batch that changes them (see [`crate::invalidation`]).
 
 use std::time::Duration;
 
@@ -65,6 +65,14 @@ impl StatusCache {
 
     pub fn forget_users(&self) {
         self.users.invalidate_all();
+    }
+
+    pub async fn forget_user(&self, user: Uuid) {
+        self.users.invalidate(&user).await;
+    }
+
+    pub async fn forget_session(&self, session: Uuid) {
+        self.sessions.invalidate(&session).await;
     }
 
     pub fn forget_sessions(&self) {

@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::Context;
 use chrono::SecondsFormat;
-use keel_runtime::KafkaConfig;
+use keel_runtime::{KafkaConfig, notifications::Notifications};
 use keel_topics::{
     SchemaRegistryCodec, StreamState, Topic, TopicNames, Verdict, avro_json,
     reader::PartitionReader,
@@ -155,6 +155,18 @@ pub struct HubContext {
     pub codec: SchemaRegistryCodec,
     pub pool: PgPool,
     pub shutdown: CancellationToken,
+    /// Where the writers' announcements are heard, so that an idle hub fetches nothing.
+    pub notifications: Notifications,
+}
+
+impl HubContext {
+    /// A live reader of every partition of `topic`, from `head` (the next offset per partition).
+    fn reader(&self, topic: &str, partitions: i32, head: &[i64]) -> anyhow::Result<PartitionReader> {
+        let keys = (0..partitions).map(|partition| (topic.to_owned(), partition)).collect();
+        let start =
+            by_partition(head).into_iter().map(|(partition, offset)| ((topic.to_owned(), partition), offset)).collect();
+        PartitionReader::live(&self.kafka, keys, &start, &self.notifications, keel_topics::reader::LIVE_FETCH_INTERVAL)
+    }
 }
 
 impl Hub {
@@ -164,8 +176,7 @@ impl Hub {
         let topic_name = context.names.name(topic);
         let partitions = topic.spec().partitions;
         let (head, mut streams) = starting_point(&context.pool, &topic_name, partitions).await?;
-        let mut reader =
-            Some(PartitionReader::assign(&context.kafka, &topic_name, 0..partitions, &by_partition(&head))?);
+        let mut reader = Some(context.reader(&topic_name, partitions, &head)?);
         tracing::info!(topic = %topic_name, aggregates = streams.len(), "stream hub starting");
         let hub = Arc::new(Self {
             topic,
@@ -182,12 +193,7 @@ impl Hub {
             while !context.shutdown.is_cancelled() {
                 let assigned = match reader.take() {
                     Some(reader) => Ok(reader),
-                    None => PartitionReader::assign(
-                        &context.kafka,
-                        &topic_name,
-                        0..partitions,
-                        &by_partition(&task_hub.head()),
-                    ),
+                    None => context.reader(&topic_name, partitions, &task_hub.head()),
                 };
                 let outcome = match assigned {
                     Ok(reader) => task_hub.read(reader, &context.codec, &mut streams, &context.shutdown).await,

@@ -28,7 +28,7 @@ use std::{
 };
 
 use anyhow::Context;
-use keel_topics::{Topic, kafka};
+use keel_topics::Topic;
 use reqwest::StatusCode;
 use serde::Serialize;
 use tokio::task::JoinSet;
@@ -268,7 +268,7 @@ async fn raw_produce(
     let count = commits.len() as u64;
     let average_payload = commits.iter().map(|commit| commit.payload.len()).sum::<usize>() as f64 / count as f64;
 
-    let producer = kafka::producer(&scratch.kafka)?;
+    let producer = keel_topics::producer::Producer::commits(&scratch.kafka)?;
     eprintln!("producing");
     super::produce(&producer, &topic, &warm_up_commits, clients).await.context("the raw warm-up produce failed")?;
     let elapsed = super::produce(&producer, &topic, &commits, super::RAW_MAX_IN_FLIGHT).await?;

@@ -10,8 +10,11 @@
 //! next to a live installation.
 
 mod commands;
+mod cpu;
+mod idle;
 mod replay;
 mod streams;
+mod sustained;
 
 use std::{
     ops::Range,
@@ -27,8 +30,11 @@ use keel_domain::{
     identity::{DisplayName, Email, UserEvent, UserId, UserRegistered},
 };
 use keel_runtime::KafkaConfig;
-use keel_topics::{CommitHeader, EventMeta, SchemaRegistryCodec, Topic, TopicNames, Vault, identity, kafka, sealing};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use keel_topics::{
+    CommitHeader, EventMeta, SchemaRegistryCodec, Topic, TopicNames, Vault, identity, kafka,
+    producer::{Producer, Record},
+    sealing,
+};
 use uuid::Uuid;
 
 use crate::config::KeelConfig;
@@ -59,6 +65,46 @@ enum BenchCommand {
         #[arg(long)]
         gateway: Option<String>,
     },
+    /// What a running, idle platform costs (CPU of every role, the broker, PostgreSQL and Redis),
+    /// and how soon a lone command reaches the read model.
+    Idle {
+        /// How long to measure the idle platform.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Lone renames afterwards, one a second, timed to the read model.
+        #[arg(long, default_value_t = 20)]
+        probes: u32,
+        /// The gateway's base URL [default: `http://<gateway.listen>`].
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+    /// Renames at a constant rate for minutes through a running gateway: latency per minute and
+    /// every role's memory at the start and the end.
+    Sustained {
+        /// Renames per second.
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        minutes: u32,
+        /// Users of the bench's own the renames spread over.
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        /// The gateway's base URL [default: `http://<gateway.listen>`].
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+    /// The broker's ceilings with Keel's producer: N commits produced as fast as it takes them
+    /// (idempotent, acknowledged by all), then consumed.
+    Broker {
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+    },
+    /// The CPU seconds each process of the running platform spends over a window, as JSON (for
+    /// cost-per-command figures next to a load generator).
+    Cpu {
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// Fan N events out to M SSE clients of a running gateway: delivery latency p50/p99 and the
     /// gateway's memory.
     Streams {
@@ -84,10 +130,63 @@ pub async fn run(args: BenchArgs, config: &KeelConfig) -> anyhow::Result<ExitCod
         BenchCommand::Commands { commands, clients, gateway } => {
             commands::run(config, commands, clients, gateway).await
         }
+        BenchCommand::Idle { seconds, probes, gateway } => {
+            let gateway = gateway.unwrap_or_else(|| commands::default_gateway_url(&config.gateway.listen));
+            idle::run(config, seconds, probes, gateway.trim_end_matches('/')).await
+        }
+        BenchCommand::Sustained { rate, minutes, users, gateway } => {
+            let gateway = gateway.unwrap_or_else(|| commands::default_gateway_url(&config.gateway.listen));
+            let gateway = gateway.trim_end_matches('/').to_owned();
+            sustained::run(sustained::Sustained { gateway, rate, minutes, users }).await
+        }
+        BenchCommand::Broker { records } => broker(config, records).await,
+        BenchCommand::Cpu { seconds } => {
+            anyhow::ensure!(seconds > 0.0, "--seconds must be positive");
+            let used = cpu::measure(Duration::from_secs_f64(seconds)).await;
+            println!("{}", serde_json::to_string(&used)?);
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Streams { events, clients, writers, gateway, token } => {
             streams::run(config, streams::StreamsBench { events, clients, writers, gateway, token }).await
         }
     }
+}
+
+/// `keel bench broker`: the raw produce and consume rates of `records` registration commits on
+/// throwaway topics, with the producer settings the command services use.
+async fn broker(config: &KeelConfig, records: u64) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(records > 0, "--records must be positive");
+    let id = run_id();
+    let scratch = ScratchTopics::create(config, &id).await?;
+    let topic = scratch.names.name(Topic::IdentityUsers);
+    eprintln!("encoding {records} commits");
+    let commits = encode_registrations(&scratch.codec, None, 0..records, &format!("bench-{id}-"), "bench").await?;
+    let producer = Producer::commits(&scratch.kafka)?;
+    eprintln!("producing");
+    let produce = Rate {
+        what: "produce (idempotent, acks=all)".into(),
+        count: records,
+        elapsed: produce(&producer, &topic, &commits, RAW_MAX_IN_FLIGHT).await?,
+    };
+    eprintln!("consuming");
+    let partitions = Topic::IdentityUsers.spec().partitions;
+    let started = Instant::now();
+    let mut reader =
+        keel_topics::reader::PartitionReader::assign(&scratch.kafka, &topic, 0..partitions, &Default::default())?
+            .until_current_end(&Default::default())
+            .await?;
+    let mut consumed = 0_u64;
+    while reader.next().await?.is_some() {
+        consumed += 1;
+    }
+    let consume = Rate { what: "consume".into(), count: consumed, elapsed: started.elapsed() };
+    println!(
+        "broker ceilings: {records} commits of {} bytes on average",
+        commits.iter().map(|commit| commit.payload.len()).sum::<usize>() / commits.len()
+    );
+    produce.print();
+    consume.print();
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Unacknowledged records a raw produce keeps in flight when it goes as fast as the broker allows.
@@ -199,7 +298,7 @@ async fn encode_registrations(
 /// Produces `commits` to `topic` with at most `max_in_flight` unacknowledged at a time, and
 /// returns how long it took until the last was acknowledged.
 async fn produce(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     commits: &[Commit],
     max_in_flight: usize,
@@ -212,9 +311,14 @@ async fn produce(
         {
             check_delivery(delivered)?;
         }
-        let record =
-            FutureRecord::to(topic).key(&commit.key).payload(&commit.payload).headers(commit.header.to_headers());
-        in_flight.push(producer.send(record, Duration::from_secs(60)));
+        let record = Record {
+            topic,
+            partition: None,
+            key: commit.key.as_bytes(),
+            payload: &commit.payload,
+            headers: commit.header.to_headers(),
+        };
+        in_flight.push(producer.send(record).map_err(|error| anyhow::anyhow!("produce failed: {error}"))?);
     }
     while let Some(delivered) = in_flight.next().await {
         check_delivery(delivered)?;
@@ -222,6 +326,6 @@ async fn produce(
     Ok(started.elapsed())
 }
 
-fn check_delivery(delivered: rdkafka::producer::future_producer::OwnedDeliveryResult) -> anyhow::Result<()> {
-    delivered.map(|_| ()).map_err(|(error, _)| anyhow::anyhow!("produce failed: {error}"))
+fn check_delivery(delivered: Result<i64, rdkafka::error::KafkaError>) -> anyhow::Result<()> {
+    delivered.map(|_| ()).map_err(|error| anyhow::anyhow!("produce failed: {error}"))
 }

@@ -14,7 +14,7 @@ use anyhow::Context;
 use chrono::Utc;
 use keel_projections::Projector;
 use keel_runtime::postgres;
-use keel_topics::{Topic, kafka, reader::PartitionReader};
+use keel_topics::{Topic, reader::PartitionReader};
 use sqlx::{Connection, PgConnection, PgPool, postgres::PgConnectOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +56,7 @@ async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectO
     let records = super::encode_registrations(&scratch.codec, Some(&vault), 0..events, "bench", "bench").await?;
 
     eprintln!("producing");
-    let producer = kafka::producer(&kafka_config)?;
+    let producer = keel_topics::producer::Producer::commits(&kafka_config)?;
     let elapsed = super::produce(&producer, &topic, &records, super::RAW_MAX_IN_FLIGHT).await?;
     let produce = Rate { what: "raw produce (idempotent)".into(), count: events, elapsed };
 
@@ -82,13 +82,14 @@ async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectO
         &config.schema_registry.url,
         pool.clone(),
         &config.personal_data,
+        keel_runtime::notifications::Notifications::new(&[]),
     )?;
     let users = projector.projection("users").context("the users projection exists")?;
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let task = tokio::spawn({
-        let (runner, shutdown) = (projector.runner(users, 1), shutdown.clone());
-        async move { runner.run_live(&shutdown, None).await }
+        let (runner, shutdown) = (std::sync::Arc::new(projector.runner(users, 1)), shutdown.clone());
+        async move { projector.run_alone(vec![runner], &shutdown).await }
     });
     loop {
         let applied: i64 = sqlx::query_scalar(
