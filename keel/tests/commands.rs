@@ -80,9 +80,13 @@ async fn forwarded(platform: &Platform) -> f64 {
     total
 }
 
+/// A gateway that sends each command to any instance in turn, not to its partition's owner.
+const FORWARD_EVERYTHING: &[(&str, &str)] = &[("KEEL_GATEWAY__ROUTE_COMMANDS_TO_OWNERS", "false")];
+
 #[tokio::test(flavor = "multi_thread")]
 async fn of_200_concurrent_patches_with_one_if_match_exactly_one_wins() {
-    let platform = Platform::start_roles(IDENTITY_ROLES).await;
+    // Commands go to either instance, so that the race crosses the forwarding hop.
+    let platform = Platform::start_roles_with(IDENTITY_ROLES, Role::Gateway, FORWARD_EVERYTHING).await;
     let client = reqwest::Client::new();
     let gateway = platform.gateway_url.clone();
     let ada = platform.signup(&client, "ada@example.com", "Ada").await;
@@ -301,8 +305,12 @@ async fn a_zombie_writer_never_forks_the_state_and_loses_no_acknowledged_command
     platform.spawn(Role::Identity);
     platform.spawn_with(Role::SecondIdentity, &[("KEEL_IDENTITY__UNSAFE_IGNORE_OWNERSHIP", "true")]);
     for role in [Role::Identity, Role::SecondIdentity, Role::Auth, Role::Authz, Role::Projector, Role::Gateway] {
-        if !matches!(role, Role::Identity | Role::SecondIdentity) {
-            platform.spawn(role);
+        match role {
+            Role::Identity | Role::SecondIdentity => {}
+            // Commands go to either instance, the zombie included, as a stale routing table would
+            // send them.
+            Role::Gateway => platform.spawn_with(role, FORWARD_EVERYTHING),
+            _ => platform.spawn(role),
         }
         platform.wait_ready(role, Duration::from_secs(60)).await;
     }

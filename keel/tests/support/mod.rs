@@ -288,11 +288,20 @@ impl Platform {
     /// Broker, database, migrations, topics, then `roles`: the registry first (the others register
     /// their schemas with it as they start), then the rest together.
     pub async fn start_roles(roles: &[Role]) -> Self {
+        Self::start_roles_with(roles, Role::Registry, &[]).await
+    }
+
+    /// [`Self::start_roles`], with `special` started with the environment `extra` besides its own.
+    pub async fn start_roles_with(roles: &[Role], special: Role, extra: &[(&str, &str)]) -> Self {
         let mut platform = Self::prepare().await;
         let (first, rest): (Vec<Role>, Vec<Role>) = roles.iter().partition(|role| **role == Role::Registry);
         for group in [first, rest] {
             for role in &group {
-                platform.spawn(*role);
+                if *role == special {
+                    platform.spawn_with(*role, extra);
+                } else {
+                    platform.spawn(*role);
+                }
             }
             for role in &group {
                 platform.wait_ready(*role, Duration::from_secs(90)).await;
