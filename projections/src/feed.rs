@@ -115,12 +115,17 @@ pub(crate) async fn run(
     let topics: BTreeMap<String, Topic> =
         Topic::ALL.iter().map(|topic| (projector.names.name(*topic), *topic)).collect();
     let outcome = dispatch(projector, &mut reader, &routes, &topics, &ends, &mut tasks, shutdown, restart).await;
-    // Lanes finish the batch they hold; records still queued for them are read again next time.
+    // Lanes finish the batch they hold (whatever stopped the feed, an error included); records
+    // still queued for them are read again next time.
     drop(routes);
     stop.cancel();
-    let mut first_stop = outcome?;
+    let mut lane_stops = Vec::new();
     while let Some(joined) = tasks.join_next().await {
-        let lane_stop = joined.map_err(|error| anyhow::anyhow!("a projection lane panicked: {error}"))??;
+        lane_stops.push(joined.map_err(|error| anyhow::anyhow!("a projection lane panicked: {error}"))?);
+    }
+    let mut first_stop = outcome?;
+    for lane_stop in lane_stops {
+        let lane_stop = lane_stop?;
         if first_stop.exit == Exit::Reassigned && lane_stop.exit != Exit::Shutdown {
             first_stop = lane_stop;
         }
@@ -163,13 +168,17 @@ async fn dispatch(
         if !routes.iter().any(|route| route.topics.contains(&key.0)) {
             continue;
         }
-        let Some(item) = read_with_retry(projector, topics.get(&key.0).copied(), message, shutdown).await else {
-            return stopped(Exit::Shutdown);
+        let Some(item) = read_with_retry(projector, topics.get(&key.0).copied(), message, restart).await else {
+            return stopped(if shutdown.is_cancelled() { Exit::Shutdown } else { Exit::Reassigned });
         };
         let item = Arc::new(item);
         for route in routes.iter().filter(|route| route.wants(&item)) {
             tokio::select! {
                 () = shutdown.cancelled() => return stopped(Exit::Shutdown),
+                () = restart.cancelled() => return stopped(Exit::Reassigned),
+                Some(joined) = tasks.join_next() => {
+                    return joined.map_err(|error| anyhow::anyhow!("a projection lane panicked: {error}"))?;
+                }
                 sent = route.sender.send(item.clone()) => {
                     if sent.is_err() {
                         // The lane ended; its task says why.
@@ -182,12 +191,12 @@ async fn dispatch(
 }
 
 /// Reads a record, waiting out a schema registry that cannot answer: a record is never skipped
-/// for that. `None` on shutdown.
+/// for that. `None` once `stop` is cancelled (the feed's restart, a child of its shutdown).
 async fn read_with_retry(
     projector: &Projector,
     topic: Option<Topic>,
     message: rdkafka::message::OwnedMessage,
-    shutdown: &CancellationToken,
+    stop: &CancellationToken,
 ) -> Option<Item> {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -196,7 +205,7 @@ async fn read_with_retry(
             Err(error) => {
                 tracing::warn!(error = %format!("{error:#}"), "cannot read a record yet; retrying");
                 tokio::select! {
-                    () = shutdown.cancelled() => return None,
+                    () = stop.cancelled() => return None,
                     () = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));

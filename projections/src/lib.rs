@@ -267,7 +267,7 @@ impl Projector {
         }
         partitions.sort();
         partitions.dedup();
-        let restart = CancellationToken::new();
+        let restart = shutdown.child_token();
         Ok(feed::run(self, runners, partitions, shutdown, &restart).await?.exit)
     }
 

@@ -116,6 +116,8 @@ pub struct PartitionReader {
     next_sweep: Option<Instant>,
     /// For a bounded read: the offset each partition must reach (its high watermark at start).
     until: Option<BTreeMap<PartitionKey, i64>>,
+    /// When [`Self::next`] last returned: time the caller spends elsewhere is no partition's stall.
+    returned_at: Option<Instant>,
 }
 
 impl PartitionReader {
@@ -201,6 +203,7 @@ impl PartitionReader {
             sweep_every: SWEEP_WITHOUT_WAKEUPS,
             next_sweep: None,
             until: None,
+            returned_at: None,
         })
     }
 
@@ -255,6 +258,20 @@ impl PartitionReader {
 
     /// The next record, or `None` when a bounded read is complete.
     pub async fn next(&mut self) -> anyhow::Result<Option<OwnedMessage>> {
+        if let Some(returned_at) = self.returned_at.take() {
+            let away = returned_at.elapsed();
+            for cursor in self.cursors.values_mut() {
+                if let Fetching::Active { since } = &mut cursor.fetching {
+                    *since += away;
+                }
+            }
+        }
+        let next = self.next_record().await;
+        self.returned_at = Some(Instant::now());
+        next
+    }
+
+    async fn next_record(&mut self) -> anyhow::Result<Option<OwnedMessage>> {
         loop {
             if self.until.as_ref().is_some_and(|until| self.reached(until)) {
                 return Ok(None);

@@ -48,7 +48,10 @@ use crate::{Accepted, CommandError, CommandMeta};
 pub trait Model: Send + Sync + 'static {
     type State: Aggregate<Event = Self::Event> + Serialize + DeserializeOwned + Send + Sync + 'static;
     type Event: DomainEvent + Send + Sync + 'static;
-    /// Lookups across the aggregates of a partition that decisions need.
+    /// Lookups across the aggregates of a partition that decisions need. It includes commits
+    /// still in flight (the writer decides on a speculative state, and a command waits only for
+    /// its own aggregate's commits), so a decision must not let an entry of another aggregate
+    /// make it valid: the rule would not catch a void commit behind the entry.
     type Index: Default + Send + Sync + 'static;
 
     const TOPIC: Topic;

@@ -5,7 +5,11 @@
 //!
 //! Decisions are speculative: a batch is decided against the state with every commit still in
 //! flight already applied, on the bet that they land at the offsets that follow (one writer per
-//! partition; an idempotent producer keeps their order). Each acknowledgement checks the bet: a
+//! partition; an idempotent producer keeps their order). Never on an unconfirmed commit of the
+//! same aggregate, though: a command for an aggregate with a commit in flight waits until that
+//! commit is confirmed (or the writer has read the log back). The rule compares versions only, so
+//! a commit decided on top of one that then lost a race could still be valid after a foreign
+//! commit of the same length, on a state that never existed. Each acknowledgement checks the bet: a
 //! commit that landed exactly at the offset it was decided for is valid as decided, since nothing
 //! else was written before it. When the bet fails (another writer appended — a zombie, or two
 //! owners during a rebalance — or an append's outcome is unknown), the writer stops deciding,
@@ -97,11 +101,10 @@ struct Waiting<M: Model> {
     request: Request<M>,
     outcome: Result<Accepted, CommandError>,
     state: M::State,
-    /// Given once every offset below this is confirmed.
+    /// Given once every offset below this is confirmed: for a replayed first result, its own
+    /// commit's; for a refusal, a no-op or a read, the offset it was decided at, where no foreign
+    /// commit may be.
     needs: i64,
-    /// Whether it stands on the absence of a foreign commit at `needs - 1` (a refusal, a no-op,
-    /// a read) rather than on a commit of this writer (a replayed first result).
-    refusal: bool,
 }
 
 pub(super) struct PartitionWriter<M: Model> {
@@ -111,6 +114,12 @@ pub(super) struct PartitionWriter<M: Model> {
     state: PartitionState<M>,
     /// Offsets below it are in the log as the state has them.
     confirmed: i64,
+    /// Commands to decide, oldest first (ones to decide again go to the front).
+    queue: VecDeque<Request<M>>,
+    /// Commits in flight per aggregate.
+    unconfirmed: HashMap<Uuid, usize>,
+    /// Commands for aggregates with a commit in flight, in arrival order, waiting for it.
+    parked: HashMap<Uuid, VecDeque<Request<M>>>,
     in_flight: VecDeque<InFlight<M>>,
     deliveries: FuturesOrdered<Deliveries>,
     /// Batches answered by the broker since the bet failed, oldest first.
@@ -150,6 +159,9 @@ impl<M: Model> PartitionWriter<M> {
             shared,
             state,
             confirmed,
+            queue: VecDeque::new(),
+            unconfirmed: HashMap::new(),
+            parked: HashMap::new(),
             in_flight: VecDeque::new(),
             deliveries: FuturesOrdered::new(),
             unsettled: Vec::new(),
@@ -162,6 +174,7 @@ impl<M: Model> PartitionWriter<M> {
         };
         let from = writer.state.next_offset();
         writer.catch_up(&mut HashMap::new()).await?;
+        writer.confirmed = writer.state.next_offset();
         let replayed = writer.state.next_offset() - from;
         let elapsed = started.elapsed();
         let topic = writer.shared.topic.clone();
@@ -185,33 +198,31 @@ impl<M: Model> PartitionWriter<M> {
 
     /// Serves `commands` until the partition is revoked (`revoked`) or every sender is gone.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Request<M>>, revoked: CancellationToken) {
-        // Commands to decide, oldest first (ones to decide again go to the front).
-        let mut queue: VecDeque<Request<M>> = VecDeque::new();
         let mut open = true;
         loop {
-            if revoked.is_cancelled() || (!open && queue.is_empty() && self.in_flight.is_empty()) {
+            if revoked.is_cancelled() || (!open && self.queue.is_empty() && self.in_flight.is_empty()) {
                 break;
             }
             if self.in_flight.is_empty() {
                 if self.out_of_sync {
-                    self.resync(&mut queue, &revoked).await;
+                    self.resync(&revoked).await;
                     continue;
                 }
                 if self.waiting.iter().any(|waiting| waiting.needs > self.confirmed) {
-                    self.verify_at_rest(&mut queue).await;
+                    self.verify_at_rest().await;
                     continue;
                 }
             }
             let room = !self.out_of_sync && self.in_flight.len() < MAX_IN_FLIGHT;
-            if room && !queue.is_empty() {
-                while queue.len() < self.shared.settings.max_batch {
+            if room && !self.queue.is_empty() {
+                while self.queue.len() < self.shared.settings.max_batch {
                     match commands.try_recv() {
-                        Ok(request) => queue.push_back(request),
+                        Ok(request) => self.queue.push_back(request),
                         Err(_) => break,
                     }
                 }
-                let batch: Vec<_> = queue.drain(..queue.len().min(self.shared.settings.max_batch)).collect();
-                self.decide_and_send(batch, &mut queue).await;
+                let batch: Vec<_> = self.queue.drain(..self.queue.len().min(self.shared.settings.max_batch)).collect();
+                self.decide_and_send(batch).await;
                 continue;
             }
             tokio::select! {
@@ -219,7 +230,7 @@ impl<M: Model> PartitionWriter<M> {
                 () = revoked.cancelled() => break,
                 Some(delivered) = self.deliveries.next(), if !self.deliveries.is_empty() => self.settle(delivered),
                 request = commands.recv(), if room && open => match request {
-                    Some(request) => queue.push_back(request),
+                    Some(request) => self.queue.push_back(request),
                     None => open = false,
                 },
                 // An urgent snapshot that found the last one still running tries again.
@@ -229,15 +240,15 @@ impl<M: Model> PartitionWriter<M> {
                 self.take_snapshot();
             }
         }
-        self.release(commands, queue).await;
+        self.release(commands).await;
     }
 
     /// Lets go of the partition: what is in flight gets its answer if the broker gives it in
     /// time, the rest is told to retry (on the next owner).
-    async fn release(mut self, mut commands: mpsc::Receiver<Request<M>>, mut queue: VecDeque<Request<M>>) {
+    async fn release(mut self, mut commands: mpsc::Receiver<Request<M>>) {
         commands.close();
         while let Ok(request) = commands.try_recv() {
-            queue.push_back(request);
+            self.queue.push_back(request);
         }
         let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
         while !self.deliveries.is_empty() && !self.out_of_sync {
@@ -259,7 +270,8 @@ impl<M: Model> PartitionWriter<M> {
                 waiting.request.reply.fail(moving());
             }
         }
-        for request in queue {
+        let parked = std::mem::take(&mut self.parked).into_values().flatten();
+        for request in std::mem::take(&mut self.queue).into_iter().chain(parked) {
             request.reply.fail(moving());
         }
         if let Some(snapshot) = self.snapshot.take() {
@@ -276,7 +288,7 @@ impl<M: Model> PartitionWriter<M> {
     }
 
     /// Decides a batch against the speculative state and produces its commits.
-    async fn decide_and_send(&mut self, batch: Vec<Request<M>>, queue: &mut VecDeque<Request<M>>) {
+    async fn decide_and_send(&mut self, batch: Vec<Request<M>>) {
         metrics::histogram!("keel_command_batch_size", "topic" => self.shared.topic.clone()).record(batch.len() as f64);
         let now = Instant::now();
         let mut commits: Vec<Speculative<M>> = Vec::new();
@@ -285,6 +297,11 @@ impl<M: Model> PartitionWriter<M> {
                 request.reply.fail(CommandError::Unavailable(
                     "the command waited too long to be decided; retry with the same command id".into(),
                 ));
+                continue;
+            }
+            let aggregate = request.aggregate_id;
+            if self.unconfirmed.contains_key(&aggregate) || self.parked.contains_key(&aggregate) {
+                self.parked.entry(aggregate).or_default().push_back(request);
                 continue;
             }
             match self.decide(&request) {
@@ -333,13 +350,14 @@ impl<M: Model> PartitionWriter<M> {
                 if let Some(undo) = commit.undo.take() {
                     self.state.undo(undo);
                 }
+                self.unconfirm(commit.header.aggregate_id);
                 if not_sent.is_empty() {
                     commit.request.reply.fail(error.clone());
                 } else {
-                    queue.push_front(commit.request);
+                    self.queue.push_front(commit.request);
                 }
             }
-            self.decide_again_from(from, queue);
+            self.decide_again_from(from);
             tracing::warn!(partition = self.state.partition, error = %error, "failed to produce a commit");
         }
         if commits.is_empty() {
@@ -380,15 +398,13 @@ impl<M: Model> PartitionWriter<M> {
     /// Gives an answer that appends nothing once the state it was decided on is proven: at once
     /// when it already is.
     fn answer_when_proven(&mut self, request: Request<M>, outcome: Result<Accepted, CommandError>, state: M::State) {
-        let (needs, refusal) = match &outcome {
+        let needs = match &outcome {
             // A first result stands on its own commit.
-            Ok(accepted) if accepted.replayed => {
-                (accepted.position.as_ref().map_or(0, |position| position.offset + 1), false)
-            }
+            Ok(accepted) if accepted.replayed => accepted.position.as_ref().map_or(0, |position| position.offset + 1),
             // Anything else stands on nothing foreign at the position it was decided at.
-            _ => (self.state.next_offset() + 1, true),
+            _ => self.state.next_offset() + 1,
         };
-        let waiting = Waiting { request, outcome, state, needs, refusal };
+        let waiting = Waiting { request, outcome, state, needs };
         if waiting.needs <= self.confirmed {
             Self::give(waiting);
         } else {
@@ -402,12 +418,28 @@ impl<M: Model> PartitionWriter<M> {
 
     /// Answers that wait and were decided on a state from `from` on, which is being taken back,
     /// go back to the queue to be decided again.
-    fn decide_again_from(&mut self, from: i64, queue: &mut VecDeque<Request<M>>) {
+    fn decide_again_from(&mut self, from: i64) {
         let (again, keep): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.waiting).into_iter().partition(|w| w.needs > from);
         self.waiting = keep;
         for waiting in again.into_iter().rev() {
-            queue.push_front(waiting.request);
+            self.queue.push_front(waiting.request);
+        }
+    }
+
+    /// One commit of `aggregate` left the flight (confirmed or taken back); with none left, the
+    /// commands that waited for it go to the front of the queue, in their order.
+    fn unconfirm(&mut self, aggregate: Uuid) {
+        let Some(count) = self.unconfirmed.get_mut(&aggregate) else { return };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        self.unconfirmed.remove(&aggregate);
+        if let Some(parked) = self.parked.remove(&aggregate) {
+            for request in parked.into_iter().rev() {
+                self.queue.push_front(request);
+            }
         }
     }
 
@@ -433,6 +465,7 @@ impl<M: Model> PartitionWriter<M> {
         }
         for commit in batch.commits {
             self.confirmed = commit.offset + 1;
+            self.unconfirm(commit.header.aggregate_id);
             let accepted = Accepted {
                 aggregate_id: commit.header.aggregate_id,
                 version: commit.header.version_after(),
@@ -453,19 +486,21 @@ impl<M: Model> PartitionWriter<M> {
 
     /// Nothing is in flight: proves the state of the answers still waiting (refusals decided at
     /// the end of the state) with the high watermark, or reads the log and decides them again.
-    async fn verify_at_rest(&mut self, queue: &mut VecDeque<Request<M>>) {
+    async fn verify_at_rest(&mut self) {
         match self.shared.high_watermark(self.state.partition).await {
             Ok(high) if high <= self.state.next_offset() => {
-                // Nothing foreign after the state: every waiting answer holds.
+                // Nothing foreign after the state: the whole state is the log's, and every
+                // waiting answer holds.
+                self.confirmed = self.state.next_offset();
                 for waiting in std::mem::take(&mut self.waiting) {
-                    debug_assert!(waiting.refusal || waiting.needs <= self.confirmed);
                     Self::give(waiting);
                 }
+                self.write_pending_snapshot();
             }
             Ok(_) => {
                 metrics::counter!("keel_command_stale_decisions_total", "topic" => self.shared.topic.clone())
                     .increment(1);
-                self.decide_again_from(i64::MIN, queue);
+                self.decide_again_from(i64::MIN);
                 self.out_of_sync = true;
             }
             Err(error) => {
@@ -481,7 +516,7 @@ impl<M: Model> PartitionWriter<M> {
     /// what is confirmed, reads the log from there by the shared rule, and answers every commit
     /// that was in flight by the rule's verdict on it. Retries (with backoff) until it succeeds or
     /// the partition is revoked.
-    async fn resync(&mut self, queue: &mut VecDeque<Request<M>>, revoked: &CancellationToken) {
+    async fn resync(&mut self, revoked: &CancellationToken) {
         self.shared.replace_producer_if_fatal(self.state.partition);
         let mut landed: Vec<(Speculative<M>, Delivered)> = Vec::new();
         for batch in std::mem::take(&mut self.unsettled) {
@@ -500,7 +535,13 @@ impl<M: Model> PartitionWriter<M> {
         if let Some((_, entries)) = self.pending_snapshot.take() {
             self.state.mark_dirty(entries.into_iter().map(|(id, _)| id));
         }
-        self.decide_again_from(i64::MIN, queue);
+        self.decide_again_from(i64::MIN);
+        // Nothing is in flight any more: what waited for a commit waits no more.
+        self.unconfirmed.clear();
+        let parked: Vec<Request<M>> = std::mem::take(&mut self.parked).into_values().flatten().collect();
+        for request in parked.into_iter().rev() {
+            self.queue.push_front(request);
+        }
         let mut verdicts: HashMap<i64, Option<Verdict>> = landed
             .iter()
             .filter_map(|(_, outcome)| {
@@ -691,10 +732,14 @@ impl<M: Model> PartitionWriter<M> {
         if self.pending_snapshot.is_some() || self.snapshot.as_ref().is_some_and(|snapshot| !snapshot.is_finished()) {
             return;
         }
-        if let Some(snapshot) = self.snapshot.take() {
-            // Finished, but polling may still say "not yet" (the task budget): then next time.
+        if let Some(snapshot) = self.snapshot.as_mut() {
+            // Finished, but polling may still say "not yet" (the task budget): then next time,
+            // with the handle kept (its aggregates that were not written must not be lost).
             match snapshot.now_or_never() {
-                Some(finished) => self.reap(finished),
+                Some(finished) => {
+                    self.snapshot = None;
+                    self.reap(finished);
+                }
                 None => return,
             }
         }
