@@ -84,8 +84,12 @@ enum BenchCommand {
         /// Renames per second.
         #[arg(long)]
         rate: f64,
-        #[arg(long, default_value_t = 10)]
-        minutes: u32,
+        /// How long to keep the rate.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// The span each printed line covers.
+        #[arg(long, default_value_t = 60)]
+        window_seconds: u64,
         /// Users of the bench's own the renames spread over.
         #[arg(long, default_value_t = 200)]
         users: usize,
@@ -134,10 +138,11 @@ pub async fn run(args: BenchArgs, config: &KeelConfig) -> anyhow::Result<ExitCod
             let gateway = gateway.unwrap_or_else(|| commands::default_gateway_url(&config.gateway.listen));
             idle::run(config, seconds, probes, gateway.trim_end_matches('/')).await
         }
-        BenchCommand::Sustained { rate, minutes, users, gateway } => {
+        BenchCommand::Sustained { rate, seconds, window_seconds, users, gateway } => {
             let gateway = gateway.unwrap_or_else(|| commands::default_gateway_url(&config.gateway.listen));
             let gateway = gateway.trim_end_matches('/').to_owned();
-            sustained::run(sustained::Sustained { gateway, rate, minutes, users }).await
+            let (duration, window) = (Duration::from_secs(seconds), Duration::from_secs(window_seconds));
+            sustained::run(sustained::Sustained { gateway, rate, duration, window, users }).await
         }
         BenchCommand::Broker { records } => broker(config, records).await,
         BenchCommand::Cpu { seconds } => {

@@ -5,8 +5,8 @@
 //! were answered (at most [`MAX_OUTSTANDING`] at once; beyond that the bench says the platform
 //! cannot keep up), so a platform that slows down shows it in latency instead of quietly getting
 //! less work. Users are the bench's own, registered first; their access tokens are refreshed
-//! before they expire. Each minute prints its throughput, errors and latency p50/p99; the
-//! resident memory of every role is printed at the start and the end.
+//! before they expire. Each window (a minute by default) prints its throughput, errors and
+//! latency p50/p99; the resident memory of every role is printed at the start and the end.
 
 use std::{
     collections::BTreeMap,
@@ -30,7 +30,9 @@ const PASSWORD: &str = "sustained bench password";
 pub(super) struct Sustained {
     pub gateway: String,
     pub rate: f64,
-    pub minutes: u32,
+    pub duration: Duration,
+    /// The span each printed line covers.
+    pub window: Duration,
     pub users: usize,
 }
 
@@ -51,8 +53,8 @@ struct Window {
 
 pub(super) async fn run(bench: Sustained) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
-        bench.rate > 0.0 && bench.minutes > 0 && bench.users > 0,
-        "rate, minutes and users must be positive"
+        bench.rate > 0.0 && !bench.duration.is_zero() && !bench.window.is_zero() && bench.users > 0,
+        "rate, duration, window and users must be positive"
     );
     let http = reqwest::Client::builder().pool_max_idle_per_host(MAX_OUTSTANDING).build()?;
     eprintln!("registering {} users", bench.users);
@@ -64,14 +66,22 @@ pub(super) async fn run(bench: Sustained) -> anyhow::Result<ExitCode> {
     let windows: Arc<Mutex<BTreeMap<u64, Window>>> = Arc::default();
     let outstanding = Arc::new(Semaphore::new(MAX_OUTSTANDING));
     let started = Instant::now();
-    let end = started + Duration::from_secs(u64::from(bench.minutes) * 60);
+    let end = started + bench.duration;
+    let window_of = move |at: Instant| (at - started).as_millis() as u64 / bench.window.as_millis().max(1) as u64;
+    let windows_total = bench.duration.as_millis().div_ceil(bench.window.as_millis().max(1)) as u64;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / bench.rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0_u64;
     let mut overloaded = 0_u64;
     let mut reported = 0;
-    println!("{} renames/s for {} minutes through {}", bench.rate, bench.minutes, bench.gateway);
-    println!("  minute   sent/s    ok/s  errors   p50 ms   p99 ms");
+    println!(
+        "{} renames/s for {} s through {}, a line per {} s",
+        bench.rate,
+        bench.duration.as_secs(),
+        bench.gateway,
+        bench.window.as_secs_f64()
+    );
+    println!("  window   sent/s    ok/s  errors   p50 ms   p99 ms");
     while Instant::now() < end {
         ticker.tick().await;
         let Ok(permit) = outstanding.clone().try_acquire_owned() else {
@@ -80,7 +90,7 @@ pub(super) async fn run(bench: Sustained) -> anyhow::Result<ExitCode> {
         };
         let user = users[(sent as usize) % users.len()].clone();
         let (http, gateway, shared) = (http.clone(), bench.gateway.clone(), windows.clone());
-        let minute = started.elapsed().as_secs() / 60;
+        let minute = window_of(Instant::now());
         sent += 1;
         let name = format!("Sustained {sent}");
         tokio::spawn(async move {
@@ -95,16 +105,17 @@ pub(super) async fn run(bench: Sustained) -> anyhow::Result<ExitCode> {
             }
             drop(permit);
         });
-        let done_minutes = started.elapsed().as_secs() / 60;
-        while reported < done_minutes {
-            report(&windows, reported);
+        // A window is reported once its answers are in (a second after it ended, at most).
+        let done = window_of(Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or(started));
+        while reported < done {
+            report(&windows, reported, bench.window);
             reported += 1;
         }
     }
     // The last answers.
     let _ = tokio::time::timeout(Duration::from_secs(30), outstanding.acquire_many(MAX_OUTSTANDING as u32)).await;
-    while reported < u64::from(bench.minutes) {
-        report(&windows, reported);
+    while reported < windows_total {
+        report(&windows, reported, bench.window);
         reported += 1;
     }
     let memory_after = super::cpu::resident_memory();
@@ -117,9 +128,9 @@ pub(super) async fn run(bench: Sustained) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn report(windows: &Mutex<BTreeMap<u64, Window>>, minute: u64) {
+fn report(windows: &Mutex<BTreeMap<u64, Window>>, index: u64, span: Duration) {
     let mut windows = windows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let window = windows.remove(&minute).unwrap_or_default();
+    let window = windows.remove(&index).unwrap_or_default();
     let mut latencies = window.latencies;
     latencies.sort_unstable();
     let (p50, p99) = if latencies.is_empty() {
@@ -127,9 +138,10 @@ fn report(windows: &Mutex<BTreeMap<u64, Window>>, minute: u64) {
     } else {
         (milliseconds(percentile(&latencies, 0.50)), milliseconds(percentile(&latencies, 0.99)))
     };
-    let ok = latencies.len() as f64 / 60.0;
-    let sent = (latencies.len() as u64 + window.errors) as f64 / 60.0;
-    println!("  {:>6} {sent:>8.0} {ok:>7.0} {:>7} {p50:>8.1} {p99:>8.1}", minute + 1, window.errors);
+    let seconds = span.as_secs_f64();
+    let ok = latencies.len() as f64 / seconds;
+    let sent = (latencies.len() as u64 + window.errors) as f64 / seconds;
+    println!("  {:>6} {sent:>8.0} {ok:>7.0} {:>7} {p50:>8.1} {p99:>8.1}", index + 1, window.errors);
 }
 
 async fn rename(
