@@ -2,15 +2,18 @@
 //! aggregates (each owning, loading and serving its partitions), the admin endpoints and the
 //! gRPC server.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use keel_runtime::{ConfigError, Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure};
-use keel_topics::{SchemaRegistryCodec, TopicNames, kafka, wakeups::Announcer};
+use keel_topics::{PersonalDataConfig, SchemaRegistryCodec, TopicNames, Vault, kafka, wakeups::Announcer};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-use crate::engine::{CommitProducers, Engine, EngineCheck, EngineContext, Model, Ownership, Settings};
+use crate::{
+    engine::{CommitProducers, Engine, EngineCheck, EngineContext, Model, Ownership, Settings},
+    forward::Peers,
+};
 
 /// Defines a command service's configuration section: the settings every service has, then its
 /// own. (serde cannot flatten a shared struct into one that refuses unknown keys.)
@@ -138,6 +141,47 @@ impl ServiceSettings {
     }
 }
 
+/// Everything a command service is started from: what the composition root has bound and
+/// opened for it.
+pub struct ServiceContext<'a> {
+    pub kafka: &'a KafkaConfig,
+    pub registry_url: &'a str,
+    pub personal_data: &'a PersonalDataConfig,
+    /// The role's own pool, migrated.
+    pub pool: PgPool,
+    pub lifecycle: &'a mut Lifecycle,
+    pub grpc_listener: TcpListener,
+    pub admin_listener: TcpListener,
+}
+
+/// A command service: its configuration section, its aggregates and its gRPC surface. The
+/// scaffold ([`start`]) does the rest: the write path's shared parts, readiness, the admin
+/// endpoints and the gRPC server with health.
+pub trait CommandService {
+    /// The service's name (configuration section, metrics, logs).
+    const NAME: &'static str;
+    /// Its configuration section (see [`command_service_config!`]).
+    type Config: Sync;
+
+    /// The settings every command service has, from the section.
+    fn settings(config: &Self::Config) -> ServiceSettings;
+
+    /// Starts the service's engines ([`ServiceBuilder::engine`]) and background tasks, and
+    /// returns its gRPC routes.
+    fn build(
+        config: &Self::Config,
+        service: &mut ServiceBuilder<'_>,
+    ) -> impl Future<Output = anyhow::Result<tonic::service::Routes>> + Send;
+}
+
+/// Starts the command service `S` from its section and what the composition root opened.
+pub async fn start<S: CommandService>(config: &S::Config, context: ServiceContext<'_>) -> anyhow::Result<()> {
+    let mut service = ServiceBuilder::new(S::NAME, S::settings(config), context)?;
+    let routes = S::build(config, &mut service).await?;
+    service.serve(routes);
+    Ok(())
+}
+
 /// Builds one command service: its engines, then its servers.
 pub struct ServiceBuilder<'a> {
     name: &'static str,
@@ -145,22 +189,17 @@ pub struct ServiceBuilder<'a> {
     names: TopicNames,
     /// What the service's engines share.
     context: EngineContext,
+    personal_data: &'a PersonalDataConfig,
     lifecycle: &'a mut Lifecycle,
     checks: Vec<Arc<dyn ReadinessCheck>>,
     grpc_listener: TcpListener,
+    admin_listener: TcpListener,
 }
 
 impl<'a> ServiceBuilder<'a> {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        name: &'static str,
-        settings: ServiceSettings,
-        kafka: &KafkaConfig,
-        registry_url: &str,
-        pool: PgPool,
-        lifecycle: &'a mut Lifecycle,
-        grpc_listener: TcpListener,
-    ) -> anyhow::Result<Self> {
+    fn new(name: &'static str, settings: ServiceSettings, context: ServiceContext<'a>) -> anyhow::Result<Self> {
+        let ServiceContext { kafka, registry_url, personal_data, pool, lifecycle, grpc_listener, admin_listener } =
+            context;
         let names = TopicNames::new(kafka.topic_prefix.clone());
         let endpoint = settings.endpoint(name, grpc_listener.local_addr()?)?;
         let checks: Vec<Arc<dyn ReadinessCheck>> = vec![Arc::new(kafka::BrokerCheck::new(kafka)?)];
@@ -175,7 +214,7 @@ impl<'a> ServiceBuilder<'a> {
             announcer,
             producers: Arc::new(CommitProducers::new(kafka, settings.producers)?),
         };
-        Ok(Self { name, settings, names, context, lifecycle, checks, grpc_listener })
+        Ok(Self { name, settings, names, context, personal_data, lifecycle, checks, grpc_listener, admin_listener })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -188,6 +227,21 @@ impl<'a> ServiceBuilder<'a> {
 
     pub fn settings(&self) -> &ServiceSettings {
         &self.settings
+    }
+
+    /// The keys that seal personal data on this service's topics.
+    pub fn vault(&self) -> anyhow::Result<Vault> {
+        Ok(Vault::new(self.context.pool.clone(), self.personal_data)?)
+    }
+
+    /// Channels to the other instances of this service, for calls to forward.
+    pub fn peers(&self) -> Peers {
+        Peers::new(self.name, self.settings.command_timeout())
+    }
+
+    /// Where this instance's own gRPC server listens (for calls it makes to itself).
+    pub fn local_endpoint(&self) -> anyhow::Result<String> {
+        Ok(format!("http://{}", self.grpc_listener.local_addr()?))
     }
 
     /// The write path of one aggregate type: it owns, loads and serves its partitions as the
@@ -207,9 +261,9 @@ impl<'a> ServiceBuilder<'a> {
     }
 
     /// Starts the admin endpoints and the gRPC server (with gRPC health) for `routes`.
-    pub fn serve(self, admin_listener: TcpListener, routes: tonic::service::Routes) {
+    fn serve(self, routes: tonic::service::Routes) {
         let health = Health::new(self.checks, self.lifecycle.token());
-        self.lifecycle.serve_http(self.name, admin_listener, keel_runtime::admin::router(health));
+        self.lifecycle.serve_http(self.name, self.admin_listener, keel_runtime::admin::router(health));
         let (_reporter, health_service) = tonic_health::server::health_reporter();
         let token = self.lifecycle.token();
         let listener = self.grpc_listener;
@@ -236,6 +290,7 @@ macro_rules! plain_model {
 
         impl $crate::engine::Model for $name {
             type State = $state;
+            type Command = <$state as keel_domain::Aggregate>::Command;
             type Event = $event;
             type Index = ();
 

@@ -23,11 +23,63 @@ impl InvalidValue {
     }
 }
 
+/// Why the domain refuses a command. The message is safe to show to the caller. A refusal is
+/// an answer, not a failure: nothing went wrong, and retrying the same command gets the same one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DomainError {
+    pub refusal: Refusal,
+    pub message: String,
+}
+
+/// The kinds of refusal, each one answer a caller can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The command contradicts the aggregate's state (it exists already, it is not published).
+    Conflict,
+    /// The aggregate does not exist, or no longer does.
+    NotFound,
+    /// The caller may not do this to this aggregate (not its author).
+    NotAllowed,
+    /// The caller could not prove who they are (a revoked session, an unknown token).
+    Unauthenticated,
+}
+
+impl DomainError {
+    pub fn new(refusal: Refusal, message: impl Into<String>) -> Self {
+        Self { refusal, message: message.into() }
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(Refusal::Conflict, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(Refusal::NotFound, message)
+    }
+
+    pub fn not_allowed(message: impl Into<String>) -> Self {
+        Self::new(Refusal::NotAllowed, message)
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(Refusal::Unauthenticated, message)
+    }
+}
+
+/// An aggregate that never refuses.
+impl From<std::convert::Infallible> for DomainError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
 /// An event-sourced aggregate.
 pub trait Aggregate: Default + Clone {
     type Command;
     type Event;
-    type Error: std::error::Error;
+    /// Each refusal says which kind it is ([`DomainError`]).
+    type Error: std::error::Error + Into<DomainError>;
 
     /// Decides which events a command produces, or why it is rejected. Never performs IO.
     fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;

@@ -12,9 +12,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Utc};
-use keel_projections::audit::{AuditEntry, COLUMNS};
+use keel_read_models::audit::{self, AuditEntry};
 use serde::{Deserialize, Serialize};
-use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::{
@@ -132,46 +131,24 @@ fn parse_time(name: &str, value: &str) -> Result<DateTime<Utc>, Problem> {
         })
 }
 
-/// The page, plus one entry if there is one. Every input is a bound parameter; each filter is
-/// a prefix of an index (`audit_log_actor`, `audit_log_aggregate`, `audit_log_occurred_at`)
-/// whose next column is the leading sort key, so a page is an index range scan.
+/// The page, plus one entry if there is one.
 #[tracing::instrument(skip_all, fields(limit = query.limit))]
 async fn fetch(state: &AppState, query: &AuditQuery) -> Result<Vec<AuditEntry>, sqlx::Error> {
-    let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {COLUMNS} FROM audit_log WHERE TRUE"));
-    if let Some(actor) = &query.actor {
-        sql.push(" AND actor = ").push_bind(actor);
-    }
-    if let Some(aggregate) = query.aggregate {
-        sql.push(" AND aggregate_id = ").push_bind(aggregate);
-    }
-    if let Some(event_type) = &query.event_type {
-        sql.push(" AND event_type = ").push_bind(event_type);
-    }
-    if let Some(from) = query.from {
-        sql.push(" AND occurred_at >= ").push_bind(from);
-    }
-    if let Some(to) = query.to {
-        sql.push(" AND occurred_at < ").push_bind(to);
-    }
-    if let Some(after) = &query.after {
-        let occurred_at = after.occurred_at();
-        // The plain bound on the leading column lets the index start at the cursor; the row
-        // comparison then orders ties exactly.
-        sql.push(" AND occurred_at >= ").push_bind(occurred_at);
-        sql.push(" AND (occurred_at, topic, partition, \"offset\", event_index) > (");
-        sql.push_bind(occurred_at)
-            .push(", ")
-            .push_bind(&after.topic)
-            .push(", ")
-            .push_bind(after.partition)
-            .push(", ")
-            .push_bind(after.offset)
-            .push(", ")
-            .push_bind(after.event_index)
-            .push(")");
-    }
-    sql.push(" ORDER BY occurred_at, topic, partition, \"offset\", event_index LIMIT ").push_bind(query.limit + 1);
-    sql.build_query_as::<AuditEntry>().fetch_all(&state.pool).await
+    let filter = audit::Filter {
+        actor: query.actor.clone(),
+        aggregate: query.aggregate,
+        event_type: query.event_type.clone(),
+        from: query.from,
+        to: query.to,
+    };
+    let after = query.after.as_ref().map(|key| audit::Place {
+        occurred_at: key.occurred_at(),
+        topic: key.topic.clone(),
+        partition: key.partition,
+        offset: key.offset,
+        event_index: key.event_index,
+    });
+    audit::entries(&state.pool, &filter, after.as_ref(), query.limit + 1).await
 }
 
 impl SortKey {

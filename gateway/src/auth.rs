@@ -11,7 +11,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use keel_proto::auth::v1::{LoginRequest, LogoutRequest, RefreshRequest, Tokens, auth_client::AuthClient};
+use keel_proto::auth::v1::{LoginRequest, LogoutRequest, RefreshRequest, Tokens};
 use keel_topics::Topic;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -94,11 +94,7 @@ pub(crate) async fn login(
         email: body.email,
         password: body.password,
     };
-    let tokens = state
-        .auth
-        .send("Login", request, |channel, request| async move { AuthClient::new(channel).login(request).await })
-        .await
-        .map_err(|status| rejected("login", &status))?;
+    let tokens = state.auth.login(request).await.map_err(|status| rejected("login", &status))?;
     Ok(token_response(tokens))
 }
 
@@ -114,11 +110,7 @@ pub(crate) async fn refresh(
         metadata: Some(metadata(&headers, Uuid::now_v7(), &caller)),
         refresh_token: body.refresh_token,
     };
-    let tokens = state
-        .auth
-        .send("Refresh", request, |channel, request| async move { AuthClient::new(channel).refresh(request).await })
-        .await
-        .map_err(|status| rejected("refresh", &status))?;
+    let tokens = state.auth.refresh(request).await.map_err(|status| rejected("refresh", &status))?;
     Ok(token_response(tokens))
 }
 
@@ -134,11 +126,7 @@ pub(crate) async fn logout(
     };
     let request =
         LogoutRequest { metadata: Some(metadata(&headers, Uuid::now_v7(), &caller)), session_id: session.to_string() };
-    state
-        .auth
-        .send("Logout", request, |channel, request| async move { AuthClient::new(channel).logout(request).await })
-        .await
-        .map_err(|status| rejected("logout", &status))?;
+    state.auth.logout(request).await.map_err(|status| rejected("logout", &status))?;
     state.security.status.revoked(session).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

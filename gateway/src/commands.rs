@@ -1,4 +1,5 @@
-//! What every command route shares.
+//! What every command route shares: the [`CommandRequest`] it extracts before its body, and the
+//! response it gives.
 //!
 //! Command responses carry what a caller needs to go on without another read:
 //! - `ETag: "<version>"`, the aggregate's version after the command, for the next `If-Match`;
@@ -11,14 +12,91 @@
 
 use axum::{
     Json,
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    extract::{FromRequestParts, MatchedPath, RawPathParams},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
 use keel_proto::common::v1::{CommandMetadata, CommandReply, Position};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::{idempotency::IDEMPOTENT_REPLAYED, precondition, problem::Problem, security::Caller};
+use crate::{
+    idempotency::{self, CommandScope, IDEMPOTENT_REPLAYED},
+    precondition::{self, MalformedIfMatch},
+    problem::Problem,
+    security::Caller,
+};
+
+/// What a command route knows before it reads its body: who sends the command, the route and
+/// the path's parameters, and from them and the headers the command's id (derived from
+/// `Idempotency-Key`, scoped by the method, the route, the path and the caller), its envelope
+/// metadata and its expected version (`If-Match`). Extract it before the body.
+#[derive(Debug)]
+pub(crate) struct CommandRequest {
+    pub(crate) command_id: Uuid,
+    /// The path's parameters, by name, in order.
+    path: Vec<(String, String)>,
+    metadata: CommandMetadata,
+    if_match: Result<Option<i64>, MalformedIfMatch>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CommandRequest {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        let caller = parts.extensions.get::<Caller>().copied().ok_or_else(|| {
+            tracing::error!("a command route is not behind the security pipeline");
+            Problem::internal()
+        })?;
+        let route = parts.extensions.get::<MatchedPath>().map(|path| path.as_str().to_owned()).ok_or_else(|| {
+            tracing::error!("a command route without a matched path");
+            Problem::internal()
+        })?;
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| Problem::bad_request("the path is not valid UTF-8"))?;
+        let path: Vec<(String, String)> =
+            params.iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect();
+        // The command's target: the path's parameters (ids in their canonical form).
+        let target = path.iter().map(|(_, value)| canonical(value)).collect::<Vec<_>>().join("/");
+        let actor = caller.actor();
+        let scope = CommandScope { method: parts.method.as_str(), route: &route, aggregate: &target, actor: &actor };
+        let command_id = idempotency::command_id(&parts.headers, scope)?;
+        let metadata = metadata(&parts.headers, command_id, &caller);
+        Ok(Self { command_id, path, metadata, if_match: precondition::expected_version(&parts.headers) })
+    }
+}
+
+impl CommandRequest {
+    /// The command's envelope metadata.
+    pub(crate) fn metadata(&self) -> Option<CommandMetadata> {
+        Some(self.metadata.clone())
+    }
+
+    /// The version `If-Match` expects, for routes that honour it.
+    pub(crate) fn expected_version(&self) -> Result<Option<i64>, Problem> {
+        Ok(self.if_match?)
+    }
+
+    /// The path parameter `name`, as sent.
+    pub(crate) fn param(&self, name: &str) -> Result<&str, Problem> {
+        self.path.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str()).ok_or_else(|| {
+            tracing::error!(name, "a command route reads a path parameter it does not have");
+            Problem::internal()
+        })
+    }
+
+    /// The path's `{id}`, the id of a `what`.
+    pub(crate) fn id(&self, what: &str) -> Result<Uuid, Problem> {
+        parse_id(self.param("id")?, what)
+    }
+}
+
+/// A UUID in its canonical form (so that `ABC…` and `abc…` are one target), anything else as
+/// it is.
+fn canonical(value: &str) -> String {
+    Uuid::parse_str(value).map_or_else(|_| value.to_owned(), |id| id.to_string())
+}
 
 /// The consistency token of a command response.
 pub(crate) const KEEL_POSITION: HeaderName = HeaderName::from_static("keel-position");

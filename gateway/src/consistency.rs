@@ -105,26 +105,9 @@ pub(crate) async fn wait(
 
 /// Whether every token lies before the live version's checkpoint of its partition.
 async fn passed(pool: &PgPool, projection: &str, tokens: &[Token]) -> Result<bool, Problem> {
-    let topics: Vec<&str> = tokens.iter().map(|token| token.topic.as_str()).collect();
-    let partitions: Vec<i32> = tokens.iter().map(|token| token.partition).collect();
-    let offsets: Vec<i64> = tokens.iter().map(|token| token.offset).collect();
-    let behind: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM UNNEST($2::text[], $3::integer[], $4::bigint[]) AS token(topic, partition, \"offset\")
-         WHERE NOT EXISTS (
-             SELECT 1 FROM projection_checkpoints checkpoint
-             JOIN projections live ON live.name = checkpoint.projection
-                                  AND live.live_version = checkpoint.projection_version
-             WHERE checkpoint.projection = $1 AND checkpoint.topic = token.topic
-               AND checkpoint.partition = token.partition AND checkpoint.next_offset > token.\"offset\"
-         )",
-    )
-    .bind(projection)
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&offsets)
-    .fetch_one(pool)
-    .await
-    .map_err(|error| {
+    let records: Vec<(String, i32, i64)> =
+        tokens.iter().map(|token| (token.topic.clone(), token.partition, token.offset)).collect();
+    let behind = keel_projections::unapplied(pool, projection, &records).await.map_err(|error| {
         tracing::error!(%error, "failed to read projection checkpoints");
         Problem::from_code(keel_proto::ErrorCode::Unavailable)
     })?;

@@ -48,18 +48,6 @@ pub(crate) fn command_id(headers: &HeaderMap, scope: CommandScope<'_>) -> Result
     Ok(derived_command_id(scope, key))
 }
 
-/// The command id of a request of `caller` on `aggregate` (empty when the command creates it).
-pub(crate) fn command_id_of(
-    headers: &HeaderMap,
-    method: &str,
-    route: &str,
-    aggregate: &str,
-    caller: &crate::security::Caller,
-) -> Result<Uuid, Problem> {
-    let actor = caller.actor();
-    command_id(headers, CommandScope { method, route, aggregate, actor: &actor })
-}
-
 fn is_valid_key(key: &str) -> bool {
     (1..=MAX_KEY_LENGTH).contains(&key.len()) && key.bytes().all(|byte| byte.is_ascii_graphic())
 }

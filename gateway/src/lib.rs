@@ -9,10 +9,10 @@
 mod audit;
 mod auth;
 mod cache;
-pub mod clients;
 mod commands;
 mod consistency;
 mod console;
+mod docs;
 mod idempotency;
 mod invalidation;
 mod observe;
@@ -22,10 +22,10 @@ mod pagination;
 mod posts;
 mod precondition;
 pub mod problem;
+mod projections;
 mod roles;
 pub mod routes;
 pub mod security;
-mod status;
 pub mod streams;
 mod users;
 
@@ -52,11 +52,12 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use keel_clients::{Auth, Authz, Blog, Identity, ServiceClient};
+
 use crate::{
     cache::QueryCache,
-    clients::ServiceClient,
     problem::Problem,
-    security::{Permissions, RateLimiter, Rule, Rules, Security, StatusCache, TokenVerifier},
+    security::{Permissions, RateLimiter, RouteGuard, Rule, Rules, Security, StatusCache, TokenVerifier},
     streams::{Streams, StreamsConfig, hub::HubContext},
 };
 
@@ -254,9 +255,10 @@ pub struct AppState {
     pub pool: PgPool,
     /// Full topic names (with the configured prefix), for consistency tokens.
     pub names: TopicNames,
-    pub identity: ServiceClient,
-    pub auth: ServiceClient,
-    pub blog: ServiceClient,
+    pub identity: Identity,
+    pub auth: Auth,
+    pub authz: Authz,
+    pub blog: Blog,
     pub security: Arc<Security>,
     /// Public answers of the blog routes.
     pub posts_cache: Arc<QueryCache>,
@@ -264,12 +266,8 @@ pub struct AppState {
     pub streams: Arc<Streams>,
     /// The projections whose status `GET /v1/projections` reports.
     pub projections: Arc<[Arc<dyn Projection>]>,
-}
-
-impl AppState {
-    pub fn authz(&self) -> &ServiceClient {
-        self.security.permissions.client()
-    }
+    /// The OpenAPI document of the route table, as served.
+    pub openapi: bytes::Bytes,
 }
 
 /// Readiness: at least one instance of a service answers gRPC health checks, since calls fail
@@ -365,12 +363,17 @@ impl ReadinessCheck for KeysCheck {
     }
 }
 
-/// The gateway's routes, with health and metrics.
+/// The gateway's routes, each behind the security pipeline with its rule, with health and
+/// metrics.
 pub fn router(state: AppState, health: Health, max_body_bytes: usize) -> Router {
     let api = routes::ROUTES
         .iter()
-        .fold(Router::new(), |router, route| router.route(route.path, (route.handler)()))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), security::pipeline))
+        .fold(Router::new(), |router, route| {
+            let guard = RouteGuard { security: state.security.clone(), access: route.access, template: route.path };
+            let handler =
+                (route.handler)().route_layer(axum::middleware::from_fn_with_state(guard, security::pipeline));
+            router.route(route.path, handler)
+        })
         .with_state(state)
         .layer(DefaultBodyLimit::max(max_body_bytes));
     Router::new()
@@ -405,19 +408,18 @@ pub async fn start(
 ) -> anyhow::Result<()> {
     let names = TopicNames::new(sources.kafka.topic_prefix.clone());
     let budget = Duration::from_millis(config.command_timeout_ms);
-    let client = |service, urls: &[String]| ServiceClient::new(service, urls, budget);
     let owners = config.route_commands_to_owners.then(|| owners::Owners::new(names.clone()));
     let client = |service, urls: &[String]| -> anyhow::Result<ServiceClient> {
-        let client = client(service, urls)?;
+        let client = ServiceClient::new(service, urls, budget)?;
         Ok(match &owners {
-            Some(owners) => client.with_owners(owners.clone()),
+            Some(owners) => client.with_placement(Arc::new(owners.clone())),
             None => client,
         })
     };
-    let identity = client("identity", &config.identity_endpoints)?;
-    let auth = client("auth", &config.auth_endpoints)?;
-    let authz = client("authz", &config.authz_endpoints)?;
-    let blog = client("blog", &config.blog_endpoints)?;
+    let identity = Identity::new(client("identity", &config.identity_endpoints)?);
+    let auth = Auth::new(client("auth", &config.auth_endpoints)?);
+    let authz = Authz::new(client("authz", &config.authz_endpoints)?);
+    let blog = Blog::new(client("blog", &config.blog_endpoints)?);
     if let Some(owners) = owners {
         let notices = sources.notifications.subscribe(owners::CHANNEL);
         lifecycle.spawn("gateway partition owners", owners.follow(pool.clone(), notices, lifecycle.token()));
@@ -454,10 +456,10 @@ pub async fn start(
     let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
         Arc::new(DatabaseCheck(pool.clone())),
         Arc::new(KeysCheck(tokens.clone())),
-        Arc::new(ServiceCheck::new(&identity)),
-        Arc::new(ServiceCheck::new(&auth)),
-        Arc::new(ServiceCheck::new(&authz)),
-        Arc::new(ServiceCheck::new(&blog)),
+        Arc::new(ServiceCheck::new(identity.service())),
+        Arc::new(ServiceCheck::new(auth.service())),
+        Arc::new(ServiceCheck::new(authz.service())),
+        Arc::new(ServiceCheck::new(blog.service())),
     ];
     let health = Health::new(checks, lifecycle.token());
     lifecycle
@@ -480,12 +482,14 @@ pub async fn start(
         names,
         identity,
         auth,
+        authz,
         blog,
         security,
         posts_cache,
         consistency_timeout: Duration::from_millis(config.consistency_timeout_ms),
         streams,
         projections: sources.projections.into(),
+        openapi: openapi::build(routes::ROUTES).to_string().into(),
     };
     lifecycle.serve_http("gateway-http", listener, router(state, health, config.max_body_bytes));
     Ok(())

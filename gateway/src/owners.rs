@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use keel_clients::Placement;
 use keel_runtime::notifications::Notice;
 use keel_topics::{Topic, TopicNames, partitioning};
 use sqlx::PgPool;
@@ -34,16 +35,18 @@ pub struct Owners {
     endpoints: Arc<RwLock<HashMap<(String, i32), String>>>,
 }
 
+impl Placement for Owners {
+    /// The endpoint of the instance that writes `aggregate`'s partition of `topic`, if known.
+    fn endpoint_of(&self, topic: Topic, aggregate: Uuid) -> Option<String> {
+        let partition = partitioning::partition_of(aggregate.to_string().as_bytes(), topic.spec().partitions);
+        let endpoints = self.endpoints.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        endpoints.get(&(self.names.name(topic), partition)).cloned()
+    }
+}
+
 impl Owners {
     pub fn new(names: TopicNames) -> Self {
         Self { names, endpoints: Arc::default() }
-    }
-
-    /// The endpoint of the instance that writes `aggregate_id`'s partition of `topic`, if known.
-    pub fn of(&self, topic: Topic, aggregate_id: Uuid) -> Option<String> {
-        let partition = partitioning::partition_of(aggregate_id.to_string().as_bytes(), topic.spec().partitions);
-        let endpoints = self.endpoints.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        endpoints.get(&(self.names.name(topic), partition)).cloned()
     }
 
     async fn load(&self, pool: &PgPool) -> Result<(), sqlx::Error> {

@@ -15,18 +15,16 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use keel_proto::blog::v1::{
     AddCommentRequest, DeleteCommentRequest, DraftPostRequest, EditPostRequest, PostCommandRequest, Tags,
-    blog_client::BlogClient,
 };
+use keel_read_models::blog::{self, Post};
 use keel_topics::Topic;
 use serde::{Deserialize, Serialize};
-use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::{
     AppState,
-    commands::{command_response, created, metadata, parse_id, rejected},
+    commands::{CommandRequest, command_response, created, parse_id, rejected},
     consistency::{self, Freshness},
-    idempotency,
     pagination::{self, Page, decode_cursor},
     precondition,
     problem::{JsonBody, Problem},
@@ -68,21 +66,6 @@ struct Author {
     display_name: Option<String>,
 }
 
-#[derive(Debug, sqlx::FromRow)]
-struct PostRow {
-    id: Uuid,
-    author_id: Uuid,
-    author_name: Option<String>,
-    title: String,
-    body: String,
-    tags: Vec<String>,
-    status: String,
-    version: i64,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    published_at: Option<DateTime<Utc>>,
-}
-
 #[derive(Debug, Serialize)]
 struct PostBody {
     id: Uuid,
@@ -111,51 +94,40 @@ struct PostItem {
     published_at: Option<DateTime<Utc>>,
 }
 
-impl PostRow {
-    fn author(&self) -> Author {
-        Author { id: self.author_id, display_name: self.author_name.clone() }
-    }
+fn author(post: &Post) -> Author {
+    Author { id: post.author_id, display_name: post.author_name.clone() }
+}
 
-    fn item(self) -> PostItem {
-        let excerpt: String = self.body.chars().take(EXCERPT_CHARS).collect();
-        PostItem {
-            author: self.author(),
-            id: self.id,
-            title: self.title,
-            excerpt,
-            tags: self.tags,
-            status: self.status,
-            version: self.version,
-            updated_at: self.updated_at,
-            published_at: self.published_at,
-        }
-    }
-
-    fn body(self) -> PostBody {
-        PostBody {
-            author: self.author(),
-            id: self.id,
-            title: self.title,
-            body: self.body,
-            tags: self.tags,
-            status: self.status,
-            version: self.version,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            published_at: self.published_at,
-        }
+/// A post in a list.
+fn item(post: Post) -> PostItem {
+    let excerpt: String = post.body.chars().take(EXCERPT_CHARS).collect();
+    PostItem {
+        author: author(&post),
+        id: post.id,
+        title: post.title,
+        excerpt,
+        tags: post.tags,
+        status: post.status,
+        version: post.version,
+        updated_at: post.updated_at,
+        published_at: post.published_at,
     }
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-struct CommentRow {
-    id: Uuid,
-    post_id: Uuid,
-    author_id: Uuid,
-    #[serde(skip)]
-    author_name: Option<String>,
-    body: String,
-    created_at: DateTime<Utc>,
+/// A post whole.
+fn body(post: Post) -> PostBody {
+    PostBody {
+        author: author(&post),
+        id: post.id,
+        title: post.title,
+        body: post.body,
+        tags: post.tags,
+        status: post.status,
+        version: post.version,
+        created_at: post.created_at,
+        updated_at: post.updated_at,
+        published_at: post.published_at,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -180,10 +152,12 @@ impl SortKey {
         DateTime::from_timestamp_micros(self.at_us)
             .ok_or_else(|| Problem::bad_request("parameter `cursor` is not a cursor this route returned"))
     }
-}
 
-const POST_COLUMNS: &str = "p.id, p.author_id, u.display_name AS author_name, p.title, p.body, p.tags, p.status,
-                            p.version, p.created_at, p.updated_at, p.published_at";
+    /// Where the next page goes on from.
+    fn after(&self) -> Result<(DateTime<Utc>, Uuid), Problem> {
+        Ok((self.at()?, self.id))
+    }
+}
 
 fn unavailable(error: sqlx::Error) -> Problem {
     tracing::error!(%error, "failed to read the blog read model");
@@ -231,28 +205,13 @@ pub(crate) async fn list(
     let freshness = fresh(&state, &headers).await?;
     let key = format!("posts:{author:?}:{tag:?}:{limit}:{}", params.get("cursor").map_or("", String::as_str));
     let load = async {
-        let mut sql = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {POST_COLUMNS} FROM posts p LEFT JOIN users u ON u.id = p.author_id WHERE p.status = 'published'"
-        ));
-        if let Some(author) = author {
-            sql.push(" AND p.author_id = ").push_bind(author);
-        }
-        if let Some(tag) = &tag {
-            sql.push(" AND p.tags @> ARRAY[").push_bind(tag.to_lowercase()).push("]::text[]");
-        }
-        if let Some(after) = &after {
-            sql.push(" AND (p.published_at, p.id) < (").push_bind(after.at()?).push(", ").push_bind(after.id).push(")");
-        }
-        sql.push(" ORDER BY p.published_at DESC, p.id DESC LIMIT ").push_bind(limit + 1);
-        let rows: Vec<PostRow> = sql.build_query_as().fetch_all(&state.pool).await.map_err(unavailable)?;
+        let after = after.as_ref().map(SortKey::after).transpose()?;
+        let rows = blog::published(&state.pool, author, tag.as_deref(), after, limit + 1).await.map_err(unavailable)?;
         let page = Page::of(rows, limit, |row| SortKey {
             at_us: row.published_at.map_or(0, |at| at.timestamp_micros()),
             id: row.id,
         });
-        let page = Page {
-            items: page.items.into_iter().map(PostRow::item).collect::<Vec<_>>(),
-            next_cursor: page.next_cursor,
-        };
+        let page = Page { items: page.items.into_iter().map(item).collect::<Vec<_>>(), next_cursor: page.next_cursor };
         Ok(Some(json_bytes(&page)))
     };
     // A read that had to wait for consistency reads the read model itself.
@@ -273,13 +232,7 @@ pub(crate) async fn get(
 ) -> Result<Response, Problem> {
     let id = parse_id(&id, "post")?;
     let freshness = fresh(&state, &headers).await?;
-    let row = sqlx::query_as::<_, PostRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {POST_COLUMNS} FROM posts p LEFT JOIN users u ON u.id = p.author_id WHERE p.id = $1"
-    )))
-    .bind(id)
-    .fetch_optional(&state.pool)
-    .await
-    .map_err(unavailable)?;
+    let row = blog::post(&state.pool, id).await.map_err(unavailable)?;
     let not_found = || Problem::not_found(format!("no post {id}"));
     let Some(row) = row else { return Err(not_found()) };
     match row.status.as_str() {
@@ -293,7 +246,7 @@ pub(crate) async fn get(
         _ => return Err(not_found()),
     }
     let version = row.version;
-    let mut response = json_response(json_bytes(&row.body()), freshness);
+    let mut response = json_response(json_bytes(&body(row)), freshness);
     response.headers_mut().insert(header::ETAG, precondition::entity_tag(version));
     Ok(response)
 }
@@ -310,19 +263,10 @@ pub(crate) async fn my_drafts(
     let limit = pagination::limit(&params, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = params.get("cursor").map(|value| decode_cursor::<SortKey>(value)).transpose()?;
     let freshness = fresh(&state, &headers).await?;
-    let mut sql = QueryBuilder::<Postgres>::new(format!(
-        "SELECT {POST_COLUMNS} FROM posts p LEFT JOIN users u ON u.id = p.author_id
-         WHERE p.status = 'draft' AND p.author_id = "
-    ));
-    sql.push_bind(user);
-    if let Some(after) = &after {
-        sql.push(" AND (p.updated_at, p.id) < (").push_bind(after.at()?).push(", ").push_bind(after.id).push(")");
-    }
-    sql.push(" ORDER BY p.updated_at DESC, p.id DESC LIMIT ").push_bind(limit + 1);
-    let rows: Vec<PostRow> = sql.build_query_as().fetch_all(&state.pool).await.map_err(unavailable)?;
+    let after = after.as_ref().map(SortKey::after).transpose()?;
+    let rows = blog::drafts_of(&state.pool, user, after, limit + 1).await.map_err(unavailable)?;
     let page = Page::of(rows, limit, |row| SortKey { at_us: row.updated_at.timestamp_micros(), id: row.id });
-    let page =
-        Page { items: page.items.into_iter().map(PostRow::item).collect::<Vec<_>>(), next_cursor: page.next_cursor };
+    let page = Page { items: page.items.into_iter().map(item).collect::<Vec<_>>(), next_cursor: page.next_cursor };
     Ok(json_response(json_bytes(&page), freshness))
 }
 
@@ -340,24 +284,12 @@ pub(crate) async fn comments(
     let freshness = fresh(&state, &headers).await?;
     let key = format!("comments:{id}:{limit}:{}", params.get("cursor").map_or("", String::as_str));
     let load = async {
-        let published: Option<bool> = sqlx::query_scalar("SELECT status = 'published' FROM posts WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&state.pool)
-            .await
-            .map_err(unavailable)?;
+        let published = blog::is_published(&state.pool, id).await.map_err(unavailable)?;
         if published != Some(true) {
             return Err(Problem::not_found(format!("no post {id}")));
         }
-        let mut sql = QueryBuilder::<Postgres>::new(
-            "SELECT c.id, c.post_id, c.author_id, u.display_name AS author_name, c.body, c.created_at
-             FROM comments c LEFT JOIN users u ON u.id = c.author_id WHERE c.deleted_at IS NULL AND c.post_id = ",
-        );
-        sql.push_bind(id);
-        if let Some(after) = &after {
-            sql.push(" AND (c.created_at, c.id) > (").push_bind(after.at()?).push(", ").push_bind(after.id).push(")");
-        }
-        sql.push(" ORDER BY c.created_at, c.id LIMIT ").push_bind(limit + 1);
-        let rows: Vec<CommentRow> = sql.build_query_as().fetch_all(&state.pool).await.map_err(unavailable)?;
+        let after = after.as_ref().map(SortKey::after).transpose()?;
+        let rows = blog::comments_of(&state.pool, id, after, limit + 1).await.map_err(unavailable)?;
         let page = Page::of(rows, limit, |row| SortKey { at_us: row.created_at.timestamp_micros(), id: row.id });
         let items: Vec<CommentItem> = page
             .items
@@ -383,26 +315,12 @@ pub(crate) async fn comments(
 /// `POST /v1/posts` with `{"title", "body", "tags"}`: a draft of the caller's.
 pub(crate) async fn draft(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
+    command: CommandRequest,
     JsonBody(body): JsonBody<DraftBody>,
 ) -> Result<Response, Problem> {
-    let command_id = idempotency::command_id_of(&headers, "POST", "/v1/posts", "", &caller)?;
-    let request = DraftPostRequest {
-        metadata: Some(metadata(&headers, command_id, &caller)),
-        title: body.title,
-        body: body.body,
-        tags: body.tags,
-    };
-    let reply = state
-        .blog
-        .send(
-            "DraftPost",
-            request,
-            |channel, request| async move { BlogClient::new(channel).draft_post(request).await },
-        )
-        .await
-        .map_err(|status| rejected("draft post", &status))?;
+    let request =
+        DraftPostRequest { metadata: command.metadata(), title: body.title, body: body.body, tags: body.tags };
+    let reply = state.blog.draft_post(request).await.map_err(|status| rejected("draft post", &status))?;
     created(format!("/v1/posts/{}", reply.aggregate_id), reply)
 }
 
@@ -410,155 +328,89 @@ pub(crate) async fn draft(
 /// `If-Match`.
 pub(crate) async fn edit(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
     Extension(decision): Extension<Decision>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    command: CommandRequest,
     JsonBody(body): JsonBody<EditBody>,
 ) -> Result<Response, Problem> {
-    let id = parse_id(&id, "post")?;
-    let command_id = idempotency::command_id_of(&headers, "PATCH", "/v1/posts/{id}", &id.to_string(), &caller)?;
     let request = EditPostRequest {
-        metadata: Some(metadata(&headers, command_id, &caller)),
-        post_id: id.to_string(),
+        metadata: command.metadata(),
+        post_id: command.id("post")?.to_string(),
         title: body.title,
         body: body.body,
         tags: body.tags.map(|tags| Tags { tags }),
-        expected_version: precondition::expected_version(&headers)?,
+        expected_version: command.expected_version()?,
         any: decision.any(),
     };
-    let reply = state
-        .blog
-        .send("EditPost", request, |channel, request| async move { BlogClient::new(channel).edit_post(request).await })
-        .await
-        .map_err(|status| rejected("edit post", &status))?;
+    let reply = state.blog.edit_post(request).await.map_err(|status| rejected("edit post", &status))?;
     Ok(command_response(StatusCode::OK, reply))
 }
 
-/// Which post command a route sends.
-#[derive(Debug, Clone, Copy)]
-enum PostCommand {
-    Publish,
-    Unpublish,
-    Delete,
-}
-
-async fn post_command(
-    state: AppState,
-    caller: Caller,
-    decision: Decision,
-    id: String,
-    headers: HeaderMap,
-    which: PostCommand,
-) -> Result<Response, Problem> {
-    let id = parse_id(&id, "post")?;
-    let (method, route) = match which {
-        PostCommand::Publish => ("POST", "/v1/posts/{id}/publish"),
-        PostCommand::Unpublish => ("POST", "/v1/posts/{id}/unpublish"),
-        PostCommand::Delete => ("DELETE", "/v1/posts/{id}"),
-    };
-    let command_id = idempotency::command_id_of(&headers, method, route, &id.to_string(), &caller)?;
-    let request = PostCommandRequest {
-        metadata: Some(metadata(&headers, command_id, &caller)),
-        post_id: id.to_string(),
-        expected_version: precondition::expected_version(&headers)?,
+/// The request of a command that moves a post through its life (publish, unpublish, delete).
+fn post_command(command: &CommandRequest, decision: Decision) -> Result<PostCommandRequest, Problem> {
+    Ok(PostCommandRequest {
+        metadata: command.metadata(),
+        post_id: command.id("post")?.to_string(),
+        expected_version: command.expected_version()?,
         any: decision.any(),
-    };
-    let reply = state
-        .blog
-        .send(route, request, |channel, request| async move {
-            let mut client = BlogClient::new(channel);
-            match which {
-                PostCommand::Publish => client.publish_post(request).await,
-                PostCommand::Unpublish => client.unpublish_post(request).await,
-                PostCommand::Delete => client.delete_post(request).await,
-            }
-        })
-        .await
-        .map_err(|status| rejected(route, &status))?;
-    Ok(command_response(StatusCode::OK, reply))
+    })
 }
 
 /// `POST /v1/posts/{id}/publish`.
 pub(crate) async fn publish(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
     Extension(decision): Extension<Decision>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    command: CommandRequest,
 ) -> Result<Response, Problem> {
-    post_command(state, caller, decision, id, headers, PostCommand::Publish).await
+    let request = post_command(&command, decision)?;
+    let reply = state.blog.publish_post(request).await.map_err(|status| rejected("publish post", &status))?;
+    Ok(command_response(StatusCode::OK, reply))
 }
 
 /// `POST /v1/posts/{id}/unpublish`.
 pub(crate) async fn unpublish(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
     Extension(decision): Extension<Decision>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    command: CommandRequest,
 ) -> Result<Response, Problem> {
-    post_command(state, caller, decision, id, headers, PostCommand::Unpublish).await
+    let request = post_command(&command, decision)?;
+    let reply = state.blog.unpublish_post(request).await.map_err(|status| rejected("unpublish post", &status))?;
+    Ok(command_response(StatusCode::OK, reply))
 }
 
 /// `DELETE /v1/posts/{id}`.
 pub(crate) async fn delete(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
     Extension(decision): Extension<Decision>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    command: CommandRequest,
 ) -> Result<Response, Problem> {
-    post_command(state, caller, decision, id, headers, PostCommand::Delete).await
+    let request = post_command(&command, decision)?;
+    let reply = state.blog.delete_post(request).await.map_err(|status| rejected("delete post", &status))?;
+    Ok(command_response(StatusCode::OK, reply))
 }
 
 /// `POST /v1/posts/{id}/comments` with `{"body"}`.
 pub(crate) async fn comment(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    command: CommandRequest,
     JsonBody(body): JsonBody<CommentBody>,
 ) -> Result<Response, Problem> {
-    let id = parse_id(&id, "post")?;
-    let command_id = idempotency::command_id_of(&headers, "POST", "/v1/posts/{id}/comments", &id.to_string(), &caller)?;
-    let request = AddCommentRequest {
-        metadata: Some(metadata(&headers, command_id, &caller)),
-        post_id: id.to_string(),
-        body: body.body,
-    };
-    let reply =
-        state
-            .blog
-            .send("AddComment", request, |channel, request| async move {
-                BlogClient::new(channel).add_comment(request).await
-            })
-            .await
-            .map_err(|status| rejected("add comment", &status))?;
+    let request =
+        AddCommentRequest { metadata: command.metadata(), post_id: command.id("post")?.to_string(), body: body.body };
+    let reply = state.blog.add_comment(request).await.map_err(|status| rejected("add comment", &status))?;
     created(format!("/v1/comments/{}", reply.aggregate_id), reply)
 }
 
 /// `DELETE /v1/comments/{id}`.
 pub(crate) async fn delete_comment(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
     Extension(decision): Extension<Decision>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    command: CommandRequest,
 ) -> Result<Response, Problem> {
-    let id = parse_id(&id, "comment")?;
-    let command_id = idempotency::command_id_of(&headers, "DELETE", "/v1/comments/{id}", &id.to_string(), &caller)?;
     let request = DeleteCommentRequest {
-        metadata: Some(metadata(&headers, command_id, &caller)),
-        comment_id: id.to_string(),
+        metadata: command.metadata(),
+        comment_id: command.id("comment")?.to_string(),
         any: decision.any(),
     };
-    let reply = state
-        .blog
-        .send("DeleteComment", request, |channel, request| async move {
-            BlogClient::new(channel).delete_comment(request).await
-        })
-        .await
-        .map_err(|status| rejected("delete comment", &status))?;
+    let reply = state.blog.delete_comment(request).await.map_err(|status| rejected("delete comment", &status))?;
     Ok(command_response(StatusCode::OK, reply))
 }

@@ -6,7 +6,13 @@
 
 use axum::http::{HeaderMap, HeaderValue, header};
 
-use crate::problem::Problem;
+/// An `If-Match` that is not one entity tag of Keel's form (a bad request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MalformedIfMatch;
+
+impl MalformedIfMatch {
+    pub(crate) const DETAIL: &'static str = "If-Match must be an entity tag such as \"3\"";
+}
 
 /// The strong entity tag of an aggregate version.
 pub(crate) fn entity_tag(version: i64) -> HeaderValue {
@@ -18,41 +24,38 @@ pub(crate) fn entity_tag(version: i64) -> HeaderValue {
 ///
 /// A weak tag (`W/"3"`) is accepted like a strong one: versions are the only validators the
 /// gateway hands out, and a proxy may have weakened one on its way back.
-pub(crate) fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
+pub(crate) fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, MalformedIfMatch> {
     let mut values = headers.get_all(header::IF_MATCH).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(invalid());
+        return Err(MalformedIfMatch);
     }
-    let text = value.to_str().map_err(|_| invalid())?.trim();
+    let text = value.to_str().map_err(|_| MalformedIfMatch)?.trim();
     if text == "*" {
         return Ok(None);
     }
     let quoted = text.strip_prefix("W/").unwrap_or(text);
-    let digits = quoted.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')).ok_or_else(invalid)?;
+    let digits = quoted.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')).ok_or(MalformedIfMatch)?;
     // `parse` alone would also take a sign; a version is plain digits.
     if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
-        return Err(invalid());
+        return Err(MalformedIfMatch);
     }
-    digits.parse().map(Some).map_err(|_| invalid())
-}
-
-fn invalid() -> Problem {
-    Problem::bad_request("If-Match must be an entity tag such as \"3\"")
+    digits.parse().map(Some).map_err(|_| MalformedIfMatch)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::problem::Problem;
 
     fn parse(values: &[&str]) -> Result<Option<i64>, Problem> {
         let mut headers = HeaderMap::new();
         for value in values {
             headers.append(header::IF_MATCH, HeaderValue::from_str(value).unwrap());
         }
-        expected_version(&headers)
+        Ok(expected_version(&headers)?)
     }
 
     #[test]

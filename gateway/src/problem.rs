@@ -10,6 +10,8 @@ use keel_proto::ErrorCode;
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
+use crate::precondition::{self, MalformedIfMatch};
+
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
 /// The status metadata in which a command service reports an aggregate's current version when it
@@ -113,10 +115,15 @@ impl Problem {
         if code == ErrorCode::VersionConflict
             && let Some(current) = current_version(status)
         {
-            problem =
-                problem.with("current_version", current).header(header::ETAG, crate::precondition::entity_tag(current));
+            problem = problem.with("current_version", current).header(header::ETAG, precondition::entity_tag(current));
         }
         problem
+    }
+}
+
+impl From<MalformedIfMatch> for Problem {
+    fn from(_: MalformedIfMatch) -> Self {
+        Self::bad_request(MalformedIfMatch::DETAIL)
     }
 }
 

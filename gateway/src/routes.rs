@@ -1,37 +1,19 @@
 //! Every route of the HTTP API in one table: its handler, who may call it, and what the OpenAPI
-//! document says of it. The router, the security pipeline and `/openapi.json` are all made from
-//! this table, so they cannot disagree.
+//! document says of it. The router (each route behind the security pipeline with its rule) and
+//! `/openapi.json` are both made from this table, so they cannot disagree. Dependencies run one
+//! way: this table names the handlers and the rules; the handlers and the pipeline know nothing
+//! of it.
 
 use axum::{
     http::Method,
     routing::{MethodRouter, delete, get, patch, post, put},
 };
 
-use crate::{AppState, audit, auth, console, openapi, posts, roles, status, streams, users};
-
-/// Who may call a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Anyone (a token, if sent, must still be valid).
-    Public,
-    /// Any signed-in, active user.
-    Authenticated,
-    /// Whoever authz allows `action` on the resource. Deny by default.
-    Permission { action: &'static str, owner: Owner },
-}
-
-/// Whom the resource of a [`Access::Permission`] route belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Owner {
-    /// The user of the path's `{id}`: authz answers for that owner.
-    PathUser,
-    /// No user (roles, the audit log, the projections): only a grant on any resource (`:any`,
-    /// `*`) allows it.
-    Nobody,
-    /// Known to the service only (a post's author): authz says whether the caller may act on
-    /// any or only on their own, and the service enforces "own" with the change.
-    Service,
-}
+use crate::{
+    AppState, audit, auth, console, docs, posts, projections, roles,
+    security::{Access, Owner, permission},
+    streams, users,
+};
 
 /// One route.
 pub struct RouteSpec {
@@ -46,10 +28,6 @@ pub struct RouteSpec {
     /// The success status and its body's schema.
     pub response: (u16, Option<&'static str>),
     pub handler: fn() -> MethodRouter<AppState>,
-}
-
-const fn permission(action: &'static str, owner: Owner) -> Access {
-    Access::Permission { action, owner }
 }
 
 pub static ROUTES: &[RouteSpec] = &[
@@ -216,7 +194,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::POST,
         path: "/v1/posts",
-        access: permission("posts:create", Owner::Service),
+        access: permission("posts:create", Owner::Resource),
         tag: "posts",
         summary: "Draft a post",
         request: Some("Draft"),
@@ -246,7 +224,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::PATCH,
         path: "/v1/posts/{id}",
-        access: permission("posts:update", Owner::Service),
+        access: permission("posts:update", Owner::Resource),
         tag: "posts",
         summary: "Edit a post (its author, or editors); honours If-Match",
         request: Some("PostEdit"),
@@ -256,7 +234,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::DELETE,
         path: "/v1/posts/{id}",
-        access: permission("posts:delete", Owner::Service),
+        access: permission("posts:delete", Owner::Resource),
         tag: "posts",
         summary: "Delete a post; honours If-Match",
         request: None,
@@ -266,7 +244,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::POST,
         path: "/v1/posts/{id}/publish",
-        access: permission("posts:publish", Owner::Service),
+        access: permission("posts:publish", Owner::Resource),
         tag: "posts",
         summary: "Publish a post; honours If-Match",
         request: None,
@@ -276,7 +254,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::POST,
         path: "/v1/posts/{id}/unpublish",
-        access: permission("posts:publish", Owner::Service),
+        access: permission("posts:publish", Owner::Resource),
         tag: "posts",
         summary: "Unpublish a post (back to a draft); honours If-Match",
         request: None,
@@ -296,7 +274,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::POST,
         path: "/v1/posts/{id}/comments",
-        access: permission("comments:create", Owner::Service),
+        access: permission("comments:create", Owner::Resource),
         tag: "comments",
         summary: "Comment on a published post",
         request: Some("Comment"),
@@ -306,7 +284,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::DELETE,
         path: "/v1/comments/{id}",
-        access: permission("comments:delete", Owner::Service),
+        access: permission("comments:delete", Owner::Resource),
         tag: "comments",
         summary: "Delete a comment (its author, or moderators)",
         request: None,
@@ -335,10 +313,20 @@ pub static ROUTES: &[RouteSpec] = &[
     },
     RouteSpec {
         method: Method::GET,
-        path: "/v1/streams/{stream}",
-        access: Access::Authenticated,
+        path: "/v1/streams/audit",
+        access: permission("audit:read", Owner::Nobody),
         tag: "streams",
-        summary: "Live events of a stream (users, sessions, roles, grants, posts, comments; audit: every topic) as Server-Sent Events",
+        summary: "Live events of every topic, as the audit log has them, as Server-Sent Events",
+        request: None,
+        response: (200, Some("EventStream")),
+        handler: || get(streams::audit),
+    },
+    RouteSpec {
+        method: Method::GET,
+        path: "/v1/streams/{stream}",
+        access: permission("streams:read", Owner::Nobody),
+        tag: "streams",
+        summary: "Live events of a stream (users, sessions, roles, grants, posts, comments) as Server-Sent Events",
         request: None,
         response: (200, Some("EventStream")),
         handler: || get(streams::topic),
@@ -346,7 +334,7 @@ pub static ROUTES: &[RouteSpec] = &[
     RouteSpec {
         method: Method::GET,
         path: "/v1/streams/{stream}/{id}",
-        access: Access::Authenticated,
+        access: permission("streams:read", Owner::Resource),
         tag: "streams",
         summary: "Live events of one aggregate (yours, or any with streams:read:any) as Server-Sent Events",
         request: None,
@@ -361,7 +349,7 @@ pub static ROUTES: &[RouteSpec] = &[
         summary: "Every projection's versions, state, checkpoints and lag behind the broker",
         request: None,
         response: (200, Some("ProjectionStatusList")),
-        handler: || get(status::projections),
+        handler: || get(projections::status),
     },
     RouteSpec {
         method: Method::GET,
@@ -391,14 +379,9 @@ pub static ROUTES: &[RouteSpec] = &[
         summary: "This document",
         request: None,
         response: (200, None),
-        handler: || get(openapi::document),
+        handler: || get(docs::openapi),
     },
 ];
-
-/// The route of a request, by method and matched template.
-pub fn find(method: &Method, path: &str) -> Option<&'static RouteSpec> {
-    ROUTES.iter().find(|route| route.method == method && route.path == path)
-}
 
 #[cfg(test)]
 mod tests {

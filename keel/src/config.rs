@@ -78,7 +78,7 @@ impl KeelConfig {
         self.auth.validate()?;
         self.authz.validate()?;
         self.blog.validate()?;
-        self.projector.validate()?;
+        self.projector.validate(keel_read_models::NAMES)?;
         self.gateway.validate()
     }
 }

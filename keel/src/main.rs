@@ -6,7 +6,7 @@ mod bench;
 mod config;
 mod projections_cli;
 mod replay;
-mod roles;
+mod root;
 mod tail;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -126,7 +126,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(roles::run(cli.command, config)) {
+    match runtime.block_on(root::run(cli.command, config)) {
         Ok(code) => code,
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "keel failed");

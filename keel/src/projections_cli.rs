@@ -63,17 +63,17 @@ enum DlqCommand {
 fn projection(projector: &Projector, name: &str) -> anyhow::Result<std::sync::Arc<dyn keel_projections::Projection>> {
     projector
         .projection(name)
-        .with_context(|| format!("unknown projection `{name}`; known: {}", keel_projections::NAMES.join(", ")))
+        .with_context(|| format!("unknown projection `{name}`; known: {}", keel_read_models::NAMES.join(", ")))
 }
 
 pub async fn run(args: ProjectionsArgs, config: &KeelConfig) -> anyhow::Result<ExitCode> {
-    let pool = postgres::pool(&config.database, "keel-projections-cli", crate::roles::TOOL_CONNECTIONS)?;
+    let pool = postgres::pool(&config.database, "keel-projections-cli", crate::root::TOOL_CONNECTIONS)?;
     let projector = Projector::new(
         config.projector.clone(),
         config.kafka.clone(),
         &config.schema_registry.url,
         pool.clone(),
-        &config.personal_data,
+        keel_read_models::catalogue(keel_topics::Vault::new(pool.clone(), &config.personal_data)?),
         keel_runtime::notifications::Notifications::new(&[]),
     )?;
     match args.command {

@@ -121,7 +121,7 @@ pub async fn run(args: ReplayArgs, config: &KeelConfig) -> anyhow::Result<ExitCo
         .context("failed to create the schema registry client")?;
     // Sensitive fields are sealed: showing them takes their keys.
     let vault = if args.show_sensitive {
-        let pool = keel_runtime::postgres::pool(&config.database, "keel-replay", crate::roles::TOOL_CONNECTIONS)?;
+        let pool = keel_runtime::postgres::pool(&config.database, "keel-replay", crate::root::TOOL_CONNECTIONS)?;
         Some(keel_topics::Vault::new(pool, &config.personal_data)?)
     } else {
         None

@@ -148,7 +148,7 @@ fn table() -> Vec<Row> {
         row(Method::GET, "/v1/me/drafts", "/v1/me/drafts", [401, 200, 200, 200]),
         row(Method::GET, "/v1/audit", "/v1/audit", [401, 403, 403, 200]),
         row(Method::GET, "/v1/streams/{stream}", "/v1/streams/posts", [401, 403, 403, 200]),
-        row(Method::GET, "/v1/streams/{stream}", "/v1/streams/audit", [401, 403, 403, 200]),
+        row(Method::GET, "/v1/streams/audit", "/v1/streams/audit", [401, 403, 403, 200]),
         row(Method::GET, "/v1/streams/{stream}/{id}", "/v1/streams/posts/{post}", [401, 403, 200, 200]),
         row(Method::GET, "/v1/streams/{stream}/{id}", "/v1/streams/users/{user}", [401, 403, 200, 200]),
         row(Method::GET, "/v1/projections", "/v1/projections", [401, 403, 403, 200]),

@@ -114,7 +114,8 @@ pub(crate) async fn run(
     }
     let topics: BTreeMap<String, Topic> =
         Topic::ALL.iter().map(|topic| (projector.names.name(*topic), *topic)).collect();
-    let outcome = dispatch(projector, &mut reader, &routes, &topics, &ends, &mut tasks, shutdown, restart).await;
+    let fanout = Fanout { projector, routes: &routes, topics: &topics, ends: &ends };
+    let outcome = fanout.dispatch(&mut reader, &mut tasks, shutdown, restart).await;
     // Lanes finish the batch they hold (whatever stopped the feed, an error included); records
     // still queued for them are read again next time.
     drop(routes);
@@ -137,52 +138,60 @@ fn lane_topics(lane: &Lane) -> HashSet<String> {
     lane.partitions.iter().map(|(topic, _)| topic.clone()).collect()
 }
 
-/// Reads records and hands each to the lanes that want it, until something stops the feed.
-#[allow(clippy::too_many_arguments)]
-async fn dispatch(
-    projector: &Projector,
-    reader: &mut PartitionReader,
-    routes: &[Route],
-    topics: &BTreeMap<String, Topic>,
-    ends: &Ends,
-    tasks: &mut JoinSet<anyhow::Result<Stop>>,
-    shutdown: &CancellationToken,
-    restart: &CancellationToken,
-) -> anyhow::Result<Stop> {
-    let stopped = |exit| Ok(Stop { exit, projection: None });
-    loop {
-        let message = tokio::select! {
-            () = shutdown.cancelled() => return stopped(Exit::Shutdown),
-            () = restart.cancelled() => return stopped(Exit::Reassigned),
-            Some(joined) = tasks.join_next() => {
-                // A lane stopped on its own: the feed stops with it.
-                return joined.map_err(|error| anyhow::anyhow!("a projection lane panicked: {error}"))?;
-            }
-            message = reader.next() => match message? {
-                Some(message) => message,
-                None => return stopped(Exit::Shutdown),
-            },
-        };
-        let key = (message.topic().to_owned(), message.partition());
-        ends.learn(reader, &key);
-        if !routes.iter().any(|route| route.topics.contains(&key.0)) {
-            continue;
-        }
-        let Some(item) = read_with_retry(projector, topics.get(&key.0).copied(), message, restart).await else {
-            return stopped(if shutdown.is_cancelled() { Exit::Shutdown } else { Exit::Reassigned });
-        };
-        let item = Arc::new(item);
-        for route in routes.iter().filter(|route| route.wants(&item)) {
-            tokio::select! {
+/// What the feed hands records out with.
+struct Fanout<'a> {
+    projector: &'a Projector,
+    /// Per lane, the topics it reads and where its records go.
+    routes: &'a [Route],
+    topics: &'a BTreeMap<String, Topic>,
+    ends: &'a Ends,
+}
+
+impl Fanout<'_> {
+    /// Reads records and hands each to the lanes that want it, until something stops the feed.
+    async fn dispatch(
+        &self,
+        reader: &mut PartitionReader,
+        tasks: &mut JoinSet<anyhow::Result<Stop>>,
+        shutdown: &CancellationToken,
+        restart: &CancellationToken,
+    ) -> anyhow::Result<Stop> {
+        let Self { projector, routes, topics, ends } = *self;
+        let stopped = |exit| Ok(Stop { exit, projection: None });
+        loop {
+            let message = tokio::select! {
                 () = shutdown.cancelled() => return stopped(Exit::Shutdown),
                 () = restart.cancelled() => return stopped(Exit::Reassigned),
                 Some(joined) = tasks.join_next() => {
+                    // A lane stopped on its own: the feed stops with it.
                     return joined.map_err(|error| anyhow::anyhow!("a projection lane panicked: {error}"))?;
                 }
-                sent = route.sender.send(item.clone()) => {
-                    if sent.is_err() {
-                        // The lane ended; its task says why.
-                        tracing::debug!(projection = route.name, "a lane stopped taking records");
+                message = reader.next() => match message? {
+                    Some(message) => message,
+                    None => return stopped(Exit::Shutdown),
+                },
+            };
+            let key = (message.topic().to_owned(), message.partition());
+            ends.learn(reader, &key);
+            if !routes.iter().any(|route| route.topics.contains(&key.0)) {
+                continue;
+            }
+            let Some(item) = read_with_retry(projector, topics.get(&key.0).copied(), message, restart).await else {
+                return stopped(if shutdown.is_cancelled() { Exit::Shutdown } else { Exit::Reassigned });
+            };
+            let item = Arc::new(item);
+            for route in routes.iter().filter(|route| route.wants(&item)) {
+                tokio::select! {
+                    () = shutdown.cancelled() => return stopped(Exit::Shutdown),
+                    () = restart.cancelled() => return stopped(Exit::Reassigned),
+                    Some(joined) = tasks.join_next() => {
+                        return joined.map_err(|error| anyhow::anyhow!("a projection lane panicked: {error}"))?;
+                    }
+                    sent = route.sender.send(item.clone()) => {
+                        if sent.is_err() {
+                            // The lane ended; its task says why.
+                            tracing::debug!(projection = route.name, "a lane stopped taking records");
+                        }
                     }
                 }
             }

@@ -1,24 +1,21 @@
-//! Projection workers. Each projection consumes its topics, skips invalid commits by the shared
-//! validation rule, and applies a batch of commits together with its checkpoints and validation
-//! state in one PostgreSQL transaction: a crash at any point neither loses nor doubles an event.
-//! Projections are versioned: a rebuild fills a new version's shadow tables while the live one
-//! serves, then takes over in one transaction.
+//! The projection framework. Each projection consumes its topics, skips invalid commits by the
+//! shared validation rule, and applies a batch of commits together with its checkpoints and
+//! validation state in one PostgreSQL transaction: a crash at any point neither loses nor doubles
+//! an event. Projections are versioned: a rebuild fills a new version's shadow tables while the
+//! live one serves, then takes over in one transaction.
+//!
+//! The framework knows projections only through the [`Projection`] trait: which exist is the
+//! composition root's choice (Keel's read models are in `keel-read-models`).
 
 #![forbid(unsafe_code)]
 
-pub mod audit;
-pub mod authz;
-pub mod blog;
 pub mod dead_letters;
 mod feed;
 mod projection;
 pub mod rebuild;
 mod runner;
-pub mod sessions;
 pub mod status;
-mod status_notice;
 mod store;
-pub mod users;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -26,7 +23,7 @@ use anyhow::Context;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use keel_runtime::notifications::Notifications;
 use keel_runtime::{Health, KafkaConfig, Lifecycle, ReadinessCheck, postgres::DatabaseCheck};
-use keel_topics::{PersonalDataConfig, SchemaRegistryCodec, TopicNames, Vault, kafka::BrokerCheck};
+use keel_topics::{SchemaRegistryCodec, TopicNames, kafka::BrokerCheck};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -76,7 +73,8 @@ impl Default for ProjectorConfig {
 }
 
 impl ProjectorConfig {
-    pub fn validate(&self) -> Result<(), keel_runtime::ConfigError> {
+    /// Checks the section; `names` are the projections this build has.
+    pub fn validate(&self, names: &[&str]) -> Result<(), keel_runtime::ConfigError> {
         keel_runtime::config::ensure(self.batch_size > 0, "projector.batch_size", "must be positive")?;
         keel_runtime::config::ensure(self.batch_timeout_ms > 0, "projector.batch_timeout_ms", "must be positive")?;
         keel_runtime::config::ensure(
@@ -91,7 +89,7 @@ impl ProjectorConfig {
         )?;
         for name in self.on_poison_overrides.keys() {
             keel_runtime::config::ensure(
-                NAMES.contains(&name.as_str()),
+                names.contains(&name.as_str()),
                 "projector.on_poison_overrides",
                 "names a projection this build does not have",
             )?;
@@ -109,20 +107,6 @@ impl ProjectorConfig {
     }
 }
 
-/// The names of every projection this build knows, in the order of [`catalogue`].
-pub const NAMES: &[&str] = &["users", "audit", "sessions", "authz", "blog"];
-
-/// Every projection this build knows. The users projection opens personal data with `vault`.
-pub fn catalogue(vault: Vault) -> Vec<Arc<dyn Projection>> {
-    vec![
-        Arc::new(users::UsersProjection::new(vault)),
-        Arc::new(audit::AuditProjection),
-        Arc::new(sessions::SessionsProjection),
-        Arc::new(authz::AuthzProjection),
-        Arc::new(blog::BlogProjection),
-    ]
-}
-
 /// What the projector's tasks share.
 #[derive(Clone)]
 pub struct Projector {
@@ -138,18 +122,18 @@ pub struct Projector {
 }
 
 impl Projector {
+    /// The projector of `projections`.
     pub fn new(
         config: ProjectorConfig,
         kafka: KafkaConfig,
         registry_url: &str,
         pool: PgPool,
-        personal_data: &PersonalDataConfig,
+        projections: Vec<Arc<dyn Projection>>,
         notifications: Notifications,
     ) -> anyhow::Result<Self> {
         let names = TopicNames::new(kafka.topic_prefix.clone());
         let codec = SchemaRegistryCodec::new(registry_url, names.clone())?;
         let dead_letters = dead_letters::DeadLetters::new(&kafka, &names)?;
-        let projections = catalogue(Vault::new(pool.clone(), personal_data)?);
         Ok(Self { config, kafka, names, pool, codec, dead_letters, projections, notifications })
     }
 
@@ -304,15 +288,7 @@ async fn watch_for_restart(
         }
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let resumed = sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM projections live JOIN projection_versions version
-                     ON version.name = live.name AND version.version = live.live_version
-                 WHERE live.name = ANY($1) AND NOT version.stopped)",
-            )
-            .bind(&stopped)
-            .fetch_one(&pool)
-            .await;
-            if resumed.unwrap_or(false) {
+            if store::any_resumed(&pool, &stopped).await.unwrap_or(false) {
                 return;
             }
         }
@@ -360,15 +336,35 @@ async fn admin_projections(State(projector): State<Projector>) -> axum::response
     }
 }
 
+/// How many of `records` (topic, partition, offset of a record) the live version of `projection`
+/// has not applied yet: `0` when a read of it reflects every one of them.
+pub async fn unapplied(pool: &PgPool, projection: &str, records: &[(String, i32, i64)]) -> Result<i64, sqlx::Error> {
+    let topics: Vec<&str> = records.iter().map(|(topic, _, _)| topic.as_str()).collect();
+    let partitions: Vec<i32> = records.iter().map(|(_, partition, _)| *partition).collect();
+    let offsets: Vec<i64> = records.iter().map(|(_, _, offset)| *offset).collect();
+    sqlx::query_scalar(
+        "SELECT count(*) FROM UNNEST($2::text[], $3::integer[], $4::bigint[]) AS record(topic, partition, \"offset\")
+         WHERE NOT EXISTS (
+             SELECT 1 FROM projection_checkpoints checkpoint
+             JOIN projections live ON live.name = checkpoint.projection
+                                  AND live.live_version = checkpoint.projection_version
+             WHERE checkpoint.projection = $1 AND checkpoint.topic = record.topic
+               AND checkpoint.partition = record.partition AND checkpoint.next_offset > record.\"offset\"
+         )",
+    )
+    .bind(projection)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .fetch_one(pool)
+    .await
+}
+
 /// Clears the stopped flag of a projection's live version (after fixing what stopped it).
 pub async fn resume(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
-    let updated = sqlx::query(
-        "UPDATE projection_versions SET stopped = false
-         WHERE name = $1 AND version = (SELECT live_version FROM projections WHERE name = $1) AND stopped",
-    )
-    .bind(name)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(updated > 0)
+    Ok(store::resume(pool, name).await?)
 }
+
+/// Where the live version of `projection` is in `topic` and the validation state it keeps
+/// there, read in one snapshot (see [`store::live_position`]).
+pub use store::live_position;

@@ -279,16 +279,7 @@ impl Lane {
         let name = runner.projection.name();
         Ok(match guard {
             Guard::Live => store::live_version(connection, name, true).await? == Some(runner.version),
-            Guard::Building => {
-                let state: Option<String> = sqlx::query_scalar(
-                    "SELECT state FROM projection_versions WHERE name = $1 AND version = $2 FOR SHARE",
-                )
-                .bind(name)
-                .bind(runner.version)
-                .fetch_optional(&mut *connection)
-                .await?;
-                state.as_deref() == Some("building")
-            }
+            Guard::Building => store::is_building(connection, name, runner.version).await?,
         })
     }
 

@@ -318,6 +318,93 @@ pub async fn record_error(pool: &PgPool, name: &str, version: i32, error: &str, 
     Ok(())
 }
 
+/// Whether `version` of `name` is still being built, holding it so (`FOR SHARE`) until the
+/// transaction ends: a swap waits for the batch.
+pub async fn is_building(connection: &mut PgConnection, name: &str, version: i32) -> anyhow::Result<bool> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM projection_versions WHERE name = $1 AND version = $2 FOR SHARE")
+            .bind(name)
+            .bind(version)
+            .fetch_optional(&mut *connection)
+            .await?;
+    Ok(state.as_deref() == Some("building"))
+}
+
+/// Whether the live version of any of `names` is no longer stopped.
+pub async fn any_resumed(pool: &PgPool, names: &[&str]) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM projections live JOIN projection_versions version
+             ON version.name = live.name AND version.version = live.live_version
+         WHERE live.name = ANY($1) AND NOT version.stopped)",
+    )
+    .bind(names)
+    .fetch_one(pool)
+    .await
+}
+
+/// Clears the stopped flag of a projection's live version; whether it was stopped.
+pub async fn resume(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE projection_versions SET stopped = false
+         WHERE name = $1 AND version = (SELECT live_version FROM projections WHERE name = $1) AND stopped",
+    )
+    .bind(name)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(updated > 0)
+}
+
+/// Where the live version of `projection` is in `topic` (the next offset of each of its
+/// `partitions`: 0 where it has none) and the validation state it keeps there, read in one
+/// snapshot; the start of the topic and no state when `projection` has no live version.
+pub async fn live_position(
+    pool: &PgPool,
+    projection: &str,
+    topic: &str,
+    partitions: i32,
+) -> Result<(Vec<i64>, HashMap<Uuid, StreamState>), sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *transaction).await?;
+    let live: Option<i32> = sqlx::query_scalar("SELECT live_version FROM projections WHERE name = $1")
+        .bind(projection)
+        .fetch_optional(&mut *transaction)
+        .await?;
+    let mut head = vec![0; partitions.max(0) as usize];
+    let mut streams = HashMap::new();
+    if let Some(live) = live {
+        let checkpoints: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM projection_checkpoints
+             WHERE projection = $1 AND projection_version = $2 AND topic = $3",
+        )
+        .bind(projection)
+        .bind(live)
+        .bind(topic)
+        .fetch_all(&mut *transaction)
+        .await?;
+        for (partition, next_offset) in checkpoints {
+            if let Some(slot) = head.get_mut(partition as usize) {
+                *slot = next_offset;
+            }
+        }
+        let rows: Vec<(Uuid, i64, Vec<Uuid>)> = sqlx::query_as(
+            "SELECT aggregate_id, version, recent_commands FROM projection_streams
+             WHERE projection = $1 AND projection_version = $2 AND topic = $3",
+        )
+        .bind(projection)
+        .bind(live)
+        .bind(topic)
+        .fetch_all(&mut *transaction)
+        .await?;
+        streams = rows
+            .into_iter()
+            .map(|(id, version, commands)| (id, StreamState::from_parts(version as u64, commands)))
+            .collect();
+    }
+    transaction.commit().await?;
+    Ok((head, streams))
+}
+
 pub async fn is_stopped(pool: &PgPool, name: &str, version: i32) -> anyhow::Result<bool> {
     Ok(sqlx::query_scalar("SELECT stopped FROM projection_versions WHERE name = $1 AND version = $2")
         .bind(name)

@@ -9,21 +9,20 @@ use std::{sync::Arc, time::SystemTime};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use keel_domain::{
-    Aggregate,
-    auth::{
-        Credentials, CredentialsCommand, CredentialsError, Password, RevokeReason, Session, SessionCommand,
-        SessionError, SessionId, TokenHash,
-    },
+    DomainError,
+    auth::{CredentialsCommand, Password, RevokeReason, Session, SessionCommand, SessionId, TokenHash},
     identity::{Email, UserId},
 };
 use keel_proto::{
     auth::v1::{
-        GetJwksRequest, Jwks, LoginRequest, LogoutRequest, RefreshRequest, RemovePasswordRequest, SetPasswordRequest,
-        StartSessionRequest, Tokens, auth_client::AuthClient, auth_server::Auth,
+        GetJwksRequest, HashPasswordRequest, Jwks, LoginRequest, LogoutRequest, PasswordHash, RefreshRequest,
+        RemovePasswordRequest, SetPasswordRequest, StartSessionRequest, Tokens, auth_client::AuthClient,
+        auth_server::Auth,
     },
     common::v1::CommandReply,
     token::{self, AccessClaims},
 };
+use keel_read_models::users;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
@@ -32,9 +31,9 @@ use uuid::Uuid;
 use super::{CredentialStore, Sessions, SigningKeys, TokenSettings, passwords::Hasher};
 use crate::{
     Accepted, CommandError, CommandMeta,
-    engine::{Command, Engine, Location, Outcome},
-    forward::{Peers, forwarded, is_forwarded},
-    grpc::{command_meta, invalid, position, reply, uuid},
+    engine::{Command, Engine, Location},
+    forward::{Peers, forwarded},
+    grpc::{execute, invalid, metadata, position, receive, uuid},
 };
 
 /// Keel's namespace for session ids derived from login command ids (UUIDv5).
@@ -52,7 +51,7 @@ pub struct AuthGrpc {
 }
 
 fn unauthenticated(message: &str) -> Status {
-    CommandError::Unauthenticated(message.to_owned()).into()
+    CommandError::from(DomainError::unauthenticated(message)).into()
 }
 
 const BAD_CREDENTIALS: &str = "invalid email or password";
@@ -95,41 +94,14 @@ impl RefreshToken {
 }
 
 impl AuthGrpc {
-    async fn run_session(
-        &self,
-        id: SessionId,
-        meta: CommandMeta,
-        name: &'static str,
-        command: SessionCommand,
-    ) -> Result<Outcome<Session>, Status> {
-        let command = Command {
-            aggregate_id: id.as_uuid(),
-            expected_version: None,
-            meta,
-            name,
-            decide: Box::new(move |session: &Session, _: &()| session.decide(command.clone()).map_err(session_error)),
-        };
-        Ok(self.sessions.run(command).await?)
-    }
-
     /// The active user holding `email` in the identity read model.
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserId>, Status> {
-        let id: Option<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM users WHERE email = $1 AND status = 'active' ORDER BY updated_at DESC LIMIT 1",
-        )
-        .bind(email.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(read_model)?;
+        let id = users::active_with_email(&self.pool, email.as_str()).await.map_err(read_model)?;
         Ok(id.map(UserId::from_uuid))
     }
 
     async fn is_active(&self, user: UserId) -> Result<bool, Status> {
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM users WHERE id = $1")
-            .bind(user.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(read_model)?;
+        let status = users::status(&self.pool, user.as_uuid()).await.map_err(read_model)?;
         Ok(status.as_deref() == Some("active"))
     }
 
@@ -146,7 +118,7 @@ impl AuthGrpc {
         let start = SessionCommand::Start { id: session, user_id: user, refresh: refresh.hash(), expires_at };
         let accepted = match self.sessions.locate(session.as_uuid()).await {
             Location::Here => {
-                let outcome = self.run_session(session, meta, "StartSession", start).await?;
+                let outcome = self.sessions.run(Command::new(session.as_uuid(), meta, "StartSession", start)).await?;
                 if outcome.state.current() != Some(refresh.hash()) {
                     // A replayed login: its token was handed out the first time, not kept.
                     return Err(CommandError::Unavailable("this login was already done; log in again".into()).into());
@@ -155,12 +127,7 @@ impl AuthGrpc {
             }
             Location::There(endpoint) => {
                 let request = StartSessionRequest {
-                    metadata: Some(keel_proto::common::v1::CommandMetadata {
-                        command_id: meta.command_id.to_string(),
-                        actor: meta.actor.clone(),
-                        correlation_id: meta.correlation_id.to_string(),
-                        traceparent: meta.traceparent.clone().unwrap_or_default(),
-                    }),
+                    metadata: Some(metadata(&meta)),
                     session_id: session.to_string(),
                     user_id: user.to_string(),
                     refresh_token_hash: refresh.hash().to_hex(),
@@ -228,7 +195,8 @@ impl AuthGrpc {
         }
         let next = RefreshToken::generate(presented.session);
         let command = SessionCommand::Refresh { presented: presented.hash(), next: next.hash(), now: now_secs() };
-        let outcome = self.run_session(presented.session, meta, "RefreshSession", command).await?;
+        let refresh = Command::new(presented.session.as_uuid(), meta, "RefreshSession", command);
+        let outcome = self.sessions.run(refresh).await?;
         if outcome.state.revoked() == Some(RevokeReason::TokenReuse) {
             metrics::counter!("keel_auth_refresh_reuse_total").increment(1);
             tracing::warn!(session = %presented.session, %user, "a retired refresh token was presented; the session is revoked");
@@ -243,32 +211,26 @@ impl AuthGrpc {
 
 #[tonic::async_trait]
 impl Auth for AuthGrpc {
-    #[tracing::instrument(skip_all, fields(command_id))]
-    async fn set_password(&self, request: Request<SetPasswordRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
+    async fn hash_password(&self, request: Request<HashPasswordRequest>) -> Result<Response<PasswordHash>, Status> {
         let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
-        let user_id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
         let email = Email::parse(&message.email).map_err(|error| invalid(error.to_string()))?;
         let password = Password::parse(&message.password, &email).map_err(|error| invalid(error.to_string()))?;
-        let local = || async move {
-            let hash = self.hasher.hash(&password).await.map_err(|error| {
-                tracing::error!(error = %format!("{error:#}"), "failed to hash a password");
-                Status::from(CommandError::Internal)
-            })?;
-            let command = Command {
-                aggregate_id: user_id.as_uuid(),
-                expected_version: None,
-                meta,
-                name: "SetPassword",
-                decide: Box::new(move |credentials: &Credentials, _: &()| {
-                    let command = CredentialsCommand::SetPassword { user_id, hash: hash.clone() };
-                    credentials.decide(command).map_err(credentials_error)
-                }),
-            };
-            Ok(reply(&self.credentials.run(command).await?.accepted))
-        };
+        let hash = self.hasher.hash(&password).await.map_err(|error| {
+            tracing::error!(error = %format!("{error:#}"), "failed to hash a password");
+            Status::from(CommandError::Internal)
+        })?;
+        Ok(Response::new(PasswordHash { phc: hash.as_str().to_owned() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(command_id))]
+    async fn set_password(&self, request: Request<SetPasswordRequest>) -> Result<Response<CommandReply>, Status> {
+        let (forwarded_already, message, meta) = receive(request)?;
+        let user_id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
+        let hash = keel_domain::auth::PasswordHash::parse(&message.password_hash)
+            .map_err(|error| invalid(error.to_string()))?;
+        let set =
+            Command::new(user_id.as_uuid(), meta, "SetPassword", CredentialsCommand::SetPassword { user_id, hash });
+        let local = || execute(&self.credentials, set);
         let remote = |channel| async move { AuthClient::new(channel).set_password(forwarded(message)).await };
         self.peers
             .route(&self.credentials, user_id.as_uuid(), forwarded_already, local, remote)
@@ -278,27 +240,10 @@ impl Auth for AuthGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn remove_password(&self, request: Request<RemovePasswordRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let user_id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
-        let local = || async move {
-            let command = Command {
-                aggregate_id: user_id.as_uuid(),
-                expected_version: None,
-                meta,
-                name: "RemovePassword",
-                decide: Box::new(|credentials: &Credentials, _: &()| {
-                    match credentials.decide(CredentialsCommand::Remove) {
-                        // Nothing to remove is what was asked for.
-                        Err(CredentialsError::NoPassword) => Ok(Vec::new()),
-                        decided => decided.map_err(credentials_error),
-                    }
-                }),
-            };
-            Ok(reply(&self.credentials.run(command).await?.accepted))
-        };
+        let remove = Command::new(user_id.as_uuid(), meta, "RemovePassword", CredentialsCommand::Remove);
+        let local = || execute(&self.credentials, remove);
         let remote = |channel| async move { AuthClient::new(channel).remove_password(forwarded(message)).await };
         self.peers
             .route(&self.credentials, user_id.as_uuid(), forwarded_already, local, remote)
@@ -308,10 +253,7 @@ impl Auth for AuthGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn login(&self, request: Request<LoginRequest>) -> Result<Response<Tokens>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let Ok(email) = Email::parse(&message.email) else { return Err(unauthenticated(BAD_CREDENTIALS)) };
         let Some(user) = self.user_by_email(&email).await? else {
             // As slow as a wrong password, so that timing does not tell which emails exist.
@@ -327,10 +269,7 @@ impl Auth for AuthGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn refresh(&self, request: Request<RefreshRequest>) -> Result<Response<Tokens>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let presented =
             RefreshToken::parse(&message.refresh_token).ok_or_else(|| unauthenticated("malformed refresh token"))?;
         let session = presented.session;
@@ -341,14 +280,11 @@ impl Auth for AuthGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn logout(&self, request: Request<LogoutRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let session = SessionId::from_uuid(uuid("session_id", &message.session_id)?);
         let local = || async move {
             let revoke = SessionCommand::Revoke { reason: RevokeReason::Logout };
-            Ok(reply(&self.run_session(session, meta, "Logout", revoke).await?.accepted))
+            execute(&self.sessions, Command::new(session.as_uuid(), meta, "Logout", revoke)).await
         };
         let remote = |channel| async move { AuthClient::new(channel).logout(forwarded(message)).await };
         self.peers.route(&self.sessions, session.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
@@ -359,15 +295,12 @@ impl Auth for AuthGrpc {
     }
 
     async fn start_session(&self, request: Request<StartSessionRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
+        let (forwarded_already, message, meta) = receive(request)?;
         let session = SessionId::from_uuid(uuid("session_id", &message.session_id)?);
         let user_id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
         let refresh = TokenHash::parse_hex(&message.refresh_token_hash).map_err(|error| invalid(error.to_string()))?;
         let start = SessionCommand::Start { id: session, user_id, refresh, expires_at: message.expires_at };
-        let local =
-            || async move { Ok(reply(&self.run_session(session, meta, "StartSession", start).await?.accepted)) };
+        let local = || execute(&self.sessions, Command::new(session.as_uuid(), meta, "StartSession", start));
         let remote = |channel| async move { AuthClient::new(channel).start_session(forwarded(message)).await };
         self.peers.route(&self.sessions, session.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
@@ -389,22 +322,6 @@ fn accepted_of(reply: &CommandReply) -> Result<Accepted, Status> {
 fn read_model(error: sqlx::Error) -> Status {
     tracing::error!(%error, "failed to read the users read model");
     CommandError::Unavailable("cannot look up the account now; retry".into()).into()
-}
-
-fn session_error(error: SessionError) -> CommandError {
-    match error {
-        SessionError::NoSession => CommandError::NotFound(error.to_string()),
-        SessionError::AlreadyStarted => CommandError::Rejected(error.to_string()),
-        SessionError::Revoked | SessionError::Expired | SessionError::UnknownToken => {
-            CommandError::Unauthenticated(error.to_string())
-        }
-    }
-}
-
-fn credentials_error(error: CredentialsError) -> CommandError {
-    match error {
-        CredentialsError::NoPassword => CommandError::NotFound(error.to_string()),
-    }
 }
 
 #[cfg(test)]

@@ -8,17 +8,17 @@ pub mod passwords;
 
 use std::{sync::Arc, time::Duration};
 
+use anyhow::Context;
 use keel_proto::auth::v1::auth_server::AuthServer;
-use keel_runtime::{KafkaConfig, Lifecycle, Secret, config::ensure};
-use keel_topics::{PersonalDataConfig, Vault, sealing::DataKey};
-use sqlx::PgPool;
-use tokio::net::TcpListener;
+use keel_runtime::{Secret, config::ensure};
+use keel_topics::sealing::DataKey;
+use tonic::service::Routes;
 
 pub use keys::{KeySettings, SigningKeys};
 pub use model::{CredentialStore, Sessions};
 pub use passwords::Argon2Config;
 
-use crate::service::ServiceBuilder;
+use crate::service::{CommandService, ServiceBuilder, ServiceSettings};
 
 /// For development only; the role says so at start.
 const DEVELOPMENT_KEY_ENCRYPTION_KEY: &str = "a2VlbC1kZXZlbG9wbWVudC1zaWduaW5nLWtleS0wMDE=";
@@ -81,65 +81,56 @@ pub struct TokenSettings {
     pub session_ttl: Duration,
 }
 
-/// Starts the auth service.
-#[allow(clippy::too_many_arguments)]
-pub async fn start(
-    config: &AuthConfig,
-    personal_data: &PersonalDataConfig,
-    kafka_config: &KafkaConfig,
-    registry_url: &str,
-    pool: PgPool,
-    lifecycle: &mut Lifecycle,
-    grpc_listener: TcpListener,
-    admin_listener: TcpListener,
-) -> anyhow::Result<()> {
-    if config.key_encryption_key.is_none() {
-        tracing::warn!(
-            "auth.key_encryption_key is not set: using the development key; set your own outside development"
-        );
+/// The auth service: credentials, sessions and signing keys.
+pub struct AuthService;
+
+impl CommandService for AuthService {
+    const NAME: &'static str = "auth";
+    type Config = AuthConfig;
+
+    fn settings(config: &AuthConfig) -> ServiceSettings {
+        config.service()
     }
-    let kek = config.kek().expect("validated with the configuration");
-    let keys = SigningKeys::load(pool.clone(), kek, config.key_settings()).await?;
-    let mut service = ServiceBuilder::new(
-        "auth",
-        config.service(),
-        kafka_config,
-        registry_url,
-        pool.clone(),
-        lifecycle,
-        grpc_listener,
-    )?;
-    let vault = Vault::new(pool.clone(), personal_data)?;
-    let credentials = service.engine(CredentialStore::new(vault)).await?;
-    let sessions = service.engine(Sessions).await?;
-    let maintained = keys.clone();
-    let token = service.lifecycle().token();
-    service.lifecycle().spawn("auth signing keys", async move {
-        loop {
-            if let Err(error) = maintained.maintain().await {
-                tracing::error!(error = %format!("{error:#}"), "failed to maintain the signing keys; retrying");
-            }
-            tokio::select! {
-                () = token.cancelled() => return Ok(()),
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
-            }
+
+    async fn build(config: &AuthConfig, service: &mut ServiceBuilder<'_>) -> anyhow::Result<Routes> {
+        if config.key_encryption_key.is_none() {
+            tracing::warn!(
+                "auth.key_encryption_key is not set: using the development key; set your own outside development"
+            );
         }
-    });
-    let tokens = TokenSettings {
-        issuer: config.issuer.clone(),
-        audience: config.audience.clone(),
-        access_ttl: Duration::from_secs(config.access_token_ttl_secs),
-        session_ttl: Duration::from_secs(config.session_ttl_secs),
-    };
-    let grpc = grpc::AuthGrpc {
-        credentials,
-        sessions,
-        keys: Arc::clone(&keys),
-        hasher: passwords::Hasher::new(&config.argon2)?,
-        pool,
-        peers: crate::forward::Peers::new("auth", config.service().command_timeout()),
-        tokens,
-    };
-    service.serve(admin_listener, tonic::service::Routes::new(AuthServer::new(grpc)));
-    Ok(())
+        let kek = config.kek().context("auth.key_encryption_key is validated with the configuration")?;
+        let pool = service.pool().clone();
+        let keys = SigningKeys::load(pool.clone(), kek, config.key_settings()).await?;
+        let credentials = service.engine(CredentialStore::new(service.vault()?)).await?;
+        let sessions = service.engine(Sessions).await?;
+        let maintained = keys.clone();
+        let token = service.lifecycle().token();
+        service.lifecycle().spawn("auth signing keys", async move {
+            loop {
+                if let Err(error) = maintained.maintain().await {
+                    tracing::error!(error = %format!("{error:#}"), "failed to maintain the signing keys; retrying");
+                }
+                tokio::select! {
+                    () = token.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
+        let tokens = TokenSettings {
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            access_ttl: Duration::from_secs(config.access_token_ttl_secs),
+            session_ttl: Duration::from_secs(config.session_ttl_secs),
+        };
+        let grpc = grpc::AuthGrpc {
+            credentials,
+            sessions,
+            keys: Arc::clone(&keys),
+            hasher: passwords::Hasher::new(&config.argon2)?,
+            pool,
+            peers: service.peers(),
+            tokens,
+        };
+        Ok(Routes::new(AuthServer::new(grpc)))
+    }
 }

@@ -2,7 +2,10 @@
 //! user's key, so an erasure leaves none readable) and sessions.
 
 use apache_avro::types::Value;
-use keel_domain::auth::{Credentials, CredentialsEvent, Session, SessionEvent};
+use keel_domain::{
+    Aggregate, DomainError,
+    auth::{Credentials, CredentialsCommand, CredentialsError, CredentialsEvent, Session, SessionEvent},
+};
 use keel_topics::{CodecError, CommitHeader, Decoded, Opened, Topic, Vault, auth as wire};
 use uuid::Uuid;
 
@@ -20,11 +23,25 @@ impl CredentialStore {
 
 impl Model for CredentialStore {
     type State = Credentials;
+    type Command = CredentialsCommand;
     type Event = CredentialsEvent;
     type Index = ();
 
     const TOPIC: Topic = Topic::AuthCredentials;
     const SERVICE: &'static str = "auth";
+
+    /// Removing a password that is not there is what was asked for: nothing to do, no refusal
+    /// (an erasure removes the password whether or not the user set one).
+    fn decide(
+        credentials: &Credentials,
+        _: &(),
+        command: &CredentialsCommand,
+    ) -> Result<Vec<CredentialsEvent>, DomainError> {
+        match credentials.decide(command.clone()) {
+            Err(CredentialsError::NoPassword) if matches!(command, CredentialsCommand::Remove) => Ok(Vec::new()),
+            decided => decided.map_err(Into::into),
+        }
+    }
 
     async fn encode(&self, aggregate_id: Uuid, events: &[CredentialsEvent]) -> Result<(Value, bool), CodecError> {
         let mut value = wire::encode_credentials(events);

@@ -3,10 +3,8 @@
 use std::{collections::BTreeSet, sync::Arc};
 
 use keel_domain::{
-    Aggregate,
-    authz::{
-        Action, Decision, Grant, Role, RoleCommand, RoleError, RoleId, RoleName, UserRoles, UserRolesCommand, evaluate,
-    },
+    DomainError,
+    authz::{Action, Decision, Grant, RoleCommand, RoleId, RoleName, UserRolesCommand, evaluate},
     identity::UserId,
 };
 use keel_proto::{
@@ -16,15 +14,16 @@ use keel_proto::{
     },
     common::v1::CommandReply,
 };
+use keel_read_models::authz;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
 use super::{Grants, Roles};
 use crate::{
-    CommandError, CommandMeta,
+    CommandError,
     engine::{Command, Engine, Location},
     forward::{Peers, forwarded, is_forwarded},
-    grpc::{command_meta, expected_version, invalid, reply, uuid},
+    grpc::{execute, expected_version, invalid, receive, uuid},
 };
 
 pub struct AuthzGrpc {
@@ -45,43 +44,6 @@ fn grants(texts: &[String]) -> Result<BTreeSet<Grant>, Status> {
 }
 
 impl AuthzGrpc {
-    async fn run_role(
-        &self,
-        id: RoleId,
-        version: Option<u64>,
-        meta: CommandMeta,
-        name: &'static str,
-        command: RoleCommand,
-    ) -> Result<CommandReply, Status> {
-        let command = Command {
-            aggregate_id: id.as_uuid(),
-            expected_version: version,
-            meta,
-            name,
-            decide: Box::new(move |role: &Role, _: &()| role.decide(command.clone()).map_err(role_error)),
-        };
-        Ok(reply(&self.roles.run(command).await?.accepted))
-    }
-
-    async fn run_grants(
-        &self,
-        meta: CommandMeta,
-        name: &'static str,
-        command: UserRolesCommand,
-    ) -> Result<CommandReply, Status> {
-        let (UserRolesCommand::Grant { user_id, .. } | UserRolesCommand::Revoke { user_id, .. }) = &command;
-        let command = Command {
-            aggregate_id: user_id.as_uuid(),
-            expected_version: None,
-            meta,
-            name,
-            decide: Box::new(move |roles: &UserRoles, _: &()| {
-                Ok(roles.decide(command.clone()).unwrap_or_else(|never| match never {}))
-            }),
-        };
-        Ok(reply(&self.grants.run(command).await?.accepted))
-    }
-
     /// Whether the role exists, as the owner of its partition knows it.
     async fn role_exists(&self, name: &RoleName) -> Result<bool, Status> {
         let id = RoleId::of(name);
@@ -98,13 +60,7 @@ impl AuthzGrpc {
 
     /// The permissions `subject` holds through roles, from the authz read model.
     async fn held(&self, subject: UserId) -> Result<Vec<Grant>, Status> {
-        let rows: Vec<Vec<String>> = sqlx::query_scalar(
-            "SELECT r.permissions FROM authz_user_roles g JOIN authz_roles r ON r.id = g.role_id WHERE g.user_id = $1",
-        )
-        .bind(subject.as_uuid())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|error| {
+        let rows = authz::permissions_of(&self.pool, subject.as_uuid()).await.map_err(|error| {
             tracing::error!(%error, "failed to read the authz read model");
             Status::from(CommandError::Unavailable("cannot check permissions now; retry".into()))
         })?;
@@ -124,14 +80,12 @@ impl AuthzGrpc {
 impl Authz for AuthzGrpc {
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn create_role(&self, request: Request<CreateRoleRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let name = role_name(&message.name)?;
         let permissions = grants(&message.permissions)?;
         let id = RoleId::of(&name);
-        let local = || self.run_role(id, None, meta, "CreateRole", RoleCommand::Create { name, permissions });
+        let create = RoleCommand::Create { name, permissions };
+        let local = || execute(&self.roles, Command::new(id.as_uuid(), meta, "CreateRole", create));
         let remote = |channel| async move { AuthzClient::new(channel).create_role(forwarded(message)).await };
         self.peers.route(&self.roles, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
@@ -141,33 +95,27 @@ impl Authz for AuthzGrpc {
         &self,
         request: Request<SetRolePermissionsRequest>,
     ) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let id = RoleId::of(&role_name(&message.name)?);
         let permissions = grants(&message.permissions)?;
         let version = expected_version(message.expected_version)?;
-        let local =
-            || self.run_role(id, version, meta, "SetRolePermissions", RoleCommand::SetPermissions { permissions });
+        let set = Command::new(id.as_uuid(), meta, "SetRolePermissions", RoleCommand::SetPermissions { permissions });
+        let local = || execute(&self.roles, set.expecting(version));
         let remote = |channel| async move { AuthzClient::new(channel).set_role_permissions(forwarded(message)).await };
         self.peers.route(&self.roles, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn grant_role(&self, request: Request<RoleGrantRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let user_id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
         let name = role_name(&message.role)?;
         let local = || async move {
             if !self.role_exists(&name).await? {
-                return Err(CommandError::NotFound(format!("no role `{}`", name.as_str())).into());
+                return Err(CommandError::from(DomainError::not_found(format!("no role `{}`", name.as_str()))).into());
             }
             let grant = UserRolesCommand::Grant { user_id, role_id: RoleId::of(&name) };
-            self.run_grants(meta, "GrantRole", grant).await
+            execute(&self.grants, Command::new(user_id.as_uuid(), meta, "GrantRole", grant)).await
         };
         let remote = |channel| async move { AuthzClient::new(channel).grant_role(forwarded(message)).await };
         self.peers.route(&self.grants, user_id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
@@ -175,13 +123,11 @@ impl Authz for AuthzGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn revoke_role(&self, request: Request<RoleGrantRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let user_id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
         let role_id = RoleId::of(&role_name(&message.role)?);
-        let local = || self.run_grants(meta, "RevokeRole", UserRolesCommand::Revoke { user_id, role_id });
+        let revoke = UserRolesCommand::Revoke { user_id, role_id };
+        let local = || execute(&self.grants, Command::new(user_id.as_uuid(), meta, "RevokeRole", revoke));
         let remote = |channel| async move { AuthzClient::new(channel).revoke_role(forwarded(message)).await };
         self.peers.route(&self.grants, user_id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
@@ -219,12 +165,5 @@ impl Authz for AuthzGrpc {
         };
         let remote = |channel| async move { AuthzClient::new(channel).get_role(forwarded(message)).await };
         self.peers.route(&self.roles, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
-    }
-}
-
-fn role_error(error: RoleError) -> CommandError {
-    match error {
-        RoleError::Exists => CommandError::Rejected(error.to_string()),
-        RoleError::NoRole => CommandError::NotFound(error.to_string()),
     }
 }

@@ -11,15 +11,15 @@ use std::time::Duration;
 use keel_proto::authz::v1::{
     CreateRoleRequest, RoleGrantRequest, authz_client::AuthzClient, authz_server::AuthzServer,
 };
-use keel_runtime::{KafkaConfig, Lifecycle, config::ensure};
+use keel_runtime::config::ensure;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use uuid::Uuid;
 
 pub use model::{Grants, Roles};
 
-use crate::service::ServiceBuilder;
+use crate::service::{CommandService, ServiceBuilder, ServiceSettings};
 
 /// What every active user may do without any role.
 fn default_permissions() -> Vec<String> {
@@ -76,47 +76,34 @@ impl AuthzConfig {
 /// The built-in role of the configured admins.
 pub const ADMIN_ROLE: &str = "admin";
 
-/// Starts the authz service.
-#[allow(clippy::too_many_arguments)]
-pub async fn start(
-    config: &AuthzConfig,
-    kafka_config: &KafkaConfig,
-    registry_url: &str,
-    pool: PgPool,
-    lifecycle: &mut Lifecycle,
-    grpc_listener: TcpListener,
-    admin_listener: TcpListener,
-) -> anyhow::Result<()> {
-    let own_endpoint = format!("http://{}", grpc_listener.local_addr()?);
-    let mut service = ServiceBuilder::new(
-        "authz",
-        config.service(),
-        kafka_config,
-        registry_url,
-        pool.clone(),
-        lifecycle,
-        grpc_listener,
-    )?;
-    let roles = service.engine(Roles).await?;
-    let grants = service.engine(Grants).await?;
-    let defaults = config
-        .default_permissions
-        .iter()
-        .map(|text| keel_domain::authz::Grant::parse(text))
-        .collect::<Result<_, _>>()
-        .map_err(|error| anyhow::anyhow!("authz.default_permissions: {error}"))?;
-    let grpc = grpc::AuthzGrpc {
-        roles,
-        grants,
-        pool: pool.clone(),
-        defaults,
-        peers: crate::forward::Peers::new("authz", config.service().command_timeout()),
-    };
-    let token = service.lifecycle().token();
-    let admins = config.bootstrap_admins.clone();
-    service.lifecycle().spawn("authz bootstrap admins", bootstrap(own_endpoint, pool, admins, token));
-    service.serve(admin_listener, tonic::service::Routes::new(AuthzServer::new(grpc)));
-    Ok(())
+/// The authz service: roles, the roles of each user, and permission checks.
+pub struct AuthzService;
+
+impl CommandService for AuthzService {
+    const NAME: &'static str = "authz";
+    type Config = AuthzConfig;
+
+    fn settings(config: &AuthzConfig) -> ServiceSettings {
+        config.service()
+    }
+
+    async fn build(config: &AuthzConfig, service: &mut ServiceBuilder<'_>) -> anyhow::Result<Routes> {
+        let roles = service.engine(Roles).await?;
+        let grants = service.engine(Grants).await?;
+        let defaults = config
+            .default_permissions
+            .iter()
+            .map(|text| keel_domain::authz::Grant::parse(text))
+            .collect::<Result<_, _>>()
+            .map_err(|error| anyhow::anyhow!("authz.default_permissions: {error}"))?;
+        let pool = service.pool().clone();
+        let grpc = grpc::AuthzGrpc { roles, grants, pool: pool.clone(), defaults, peers: service.peers() };
+        let own_endpoint = service.local_endpoint()?;
+        let token = service.lifecycle().token();
+        let admins = config.bootstrap_admins.clone();
+        service.lifecycle().spawn("authz bootstrap admins", bootstrap(own_endpoint, pool, admins, token));
+        Ok(Routes::new(AuthzServer::new(grpc)))
+    }
 }
 
 /// Namespace of the command ids of bootstrap commands: the same command every time, so each is
@@ -162,12 +149,9 @@ async fn bootstrap(
         if role_made {
             let mut still = Vec::new();
             for email in pending {
-                let user: Option<Uuid> =
-                    sqlx::query_scalar("SELECT id FROM users WHERE email = $1 AND status = 'active' LIMIT 1")
-                        .bind(email.trim().to_lowercase())
-                        .fetch_optional(&pool)
-                        .await
-                        .unwrap_or(None);
+                let user = keel_read_models::users::active_with_email(&pool, &email.trim().to_lowercase())
+                    .await
+                    .unwrap_or(None);
                 let Some(user) = user else {
                     still.push(email);
                     continue;

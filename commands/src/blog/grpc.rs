@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use keel_domain::{
-    Aggregate,
+    DomainError,
     blog::{
-        Actor, AddComment, Comment, CommentBody, CommentCommand, CommentError, CommentId, DraftPost, EditPost, Post,
-        PostBody, PostCommand, PostError, PostId, PostStatus, Tags, Title,
+        Actor, AddComment, CommentBody, CommentCommand, CommentId, DraftPost, EditPost, Post, PostBody, PostCommand,
+        PostId, PostStatus, Tags, Title,
     },
     identity::UserId,
 };
@@ -24,7 +24,7 @@ use crate::{
     CommandError, CommandMeta,
     engine::{Command, Engine, Location, Outcome},
     forward::{Peers, forwarded, is_forwarded},
-    grpc::{command_meta, expected_version, invalid, reply, uuid},
+    grpc::{execute, expected_version, invalid, receive, uuid},
 };
 
 pub struct BlogGrpc {
@@ -45,41 +45,6 @@ fn parsed<T>(result: Result<T, keel_domain::InvalidValue>) -> Result<T, Status> 
 }
 
 impl BlogGrpc {
-    async fn run_post(
-        &self,
-        id: PostId,
-        version: Option<u64>,
-        meta: CommandMeta,
-        name: &'static str,
-        command: PostCommand,
-    ) -> Result<CommandReply, Status> {
-        let command = Command {
-            aggregate_id: id.as_uuid(),
-            expected_version: version,
-            meta,
-            name,
-            decide: Box::new(move |post: &Post, _: &()| post.decide(command.clone()).map_err(post_error)),
-        };
-        Ok(reply(&self.posts.run(command).await?.accepted))
-    }
-
-    async fn run_comment(
-        &self,
-        id: CommentId,
-        meta: CommandMeta,
-        name: &'static str,
-        command: CommentCommand,
-    ) -> Result<CommandReply, Status> {
-        let command = Command {
-            aggregate_id: id.as_uuid(),
-            expected_version: None,
-            meta,
-            name,
-            decide: Box::new(move |comment: &Comment, _: &()| comment.decide(command.clone()).map_err(comment_error)),
-        };
-        Ok(reply(&self.comments.run(command).await?.accepted))
-    }
-
     /// A post as the owner of its partition knows it.
     async fn post_state(&self, id: PostId) -> Result<PostState, Status> {
         match self.posts.locate(id.as_uuid()).await {
@@ -98,9 +63,7 @@ impl BlogGrpc {
         request: Request<PostCommandRequest>,
         which: Lifecycle,
     ) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
+        let (forwarded_already, message, meta) = receive(request)?;
         let by = Actor { user_id: author(&meta)?, any: message.any };
         let id = PostId::from_uuid(uuid("post_id", &message.post_id)?);
         let version = expected_version(message.expected_version)?;
@@ -109,7 +72,7 @@ impl BlogGrpc {
             Lifecycle::Unpublish => ("UnpublishPost", PostCommand::Unpublish { by }),
             Lifecycle::Delete => ("DeletePost", PostCommand::Delete { by }),
         };
-        let local = || self.run_post(id, version, meta, name, command);
+        let local = || execute(&self.posts, Command::new(id.as_uuid(), meta, name, command).expecting(version));
         let remote = |channel| async move {
             let (mut client, request) = (BlogClient::new(channel), forwarded(message));
             match which {
@@ -148,10 +111,7 @@ fn state_of(outcome: &Outcome<Post>) -> PostState {
 impl Blog for BlogGrpc {
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn draft_post(&self, request: Request<DraftPostRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let id = PostId::for_draft(meta.command_id);
         let draft = DraftPost {
             id,
@@ -160,17 +120,14 @@ impl Blog for BlogGrpc {
             body: parsed(PostBody::parse(&message.body))?,
             tags: parsed(Tags::parse(&message.tags))?,
         };
-        let local = || self.run_post(id, None, meta, "DraftPost", PostCommand::Draft(draft));
+        let local = || execute(&self.posts, Command::new(id.as_uuid(), meta, "DraftPost", PostCommand::Draft(draft)));
         let remote = |channel| async move { BlogClient::new(channel).draft_post(forwarded(message)).await };
         self.peers.route(&self.posts, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn edit_post(&self, request: Request<EditPostRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let id = PostId::from_uuid(uuid("post_id", &message.post_id)?);
         let edit = EditPost {
             by: Actor { user_id: author(&meta)?, any: message.any },
@@ -194,7 +151,12 @@ impl Blog for BlogGrpc {
                 .map_err(|error| invalid(error.to_string()))?,
         };
         let version = expected_version(message.expected_version)?;
-        let local = || self.run_post(id, version, meta, "EditPost", PostCommand::Edit(edit));
+        let local = || {
+            execute(
+                &self.posts,
+                Command::new(id.as_uuid(), meta, "EditPost", PostCommand::Edit(edit)).expecting(version),
+            )
+        };
         let remote = |channel| async move { BlogClient::new(channel).edit_post(forwarded(message)).await };
         self.peers.route(&self.posts, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
@@ -213,10 +175,7 @@ impl Blog for BlogGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn add_comment(&self, request: Request<AddCommentRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let id = CommentId::for_command(meta.command_id);
         let post_id = PostId::from_uuid(uuid("post_id", &message.post_id)?);
         let author = author(&meta)?;
@@ -224,10 +183,10 @@ impl Blog for BlogGrpc {
         let local = || async move {
             let post = self.post_state(post_id).await?;
             if matches!(post.status.as_str(), "none" | "deleted") {
-                return Err(CommandError::NotFound("no such post".into()).into());
+                return Err(CommandError::from(DomainError::not_found("no such post")).into());
             }
             let add = AddComment { id, post_id, author, body, post_published: post.status == "published" };
-            self.run_comment(id, meta, "AddComment", CommentCommand::Add(add)).await
+            execute(&self.comments, Command::new(id.as_uuid(), meta, "AddComment", CommentCommand::Add(add))).await
         };
         let remote = |channel| async move { BlogClient::new(channel).add_comment(forwarded(message)).await };
         self.peers.route(&self.comments, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
@@ -235,13 +194,12 @@ impl Blog for BlogGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn delete_comment(&self, request: Request<DeleteCommentRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let id = CommentId::from_uuid(uuid("comment_id", &message.comment_id)?);
         let by = Actor { user_id: author(&meta)?, any: message.any };
-        let local = || self.run_comment(id, meta, "DeleteComment", CommentCommand::Delete { by });
+        let local = || {
+            execute(&self.comments, Command::new(id.as_uuid(), meta, "DeleteComment", CommentCommand::Delete { by }))
+        };
         let remote = |channel| async move { BlogClient::new(channel).delete_comment(forwarded(message)).await };
         self.peers.route(&self.comments, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
@@ -253,21 +211,5 @@ impl Blog for BlogGrpc {
         let local = || async move { Ok(state_of(&self.posts.read_here(id).await?)) };
         let remote = |channel| async move { BlogClient::new(channel).get_post(forwarded(message)).await };
         self.peers.route(&self.posts, id, forwarded_already, local, remote).await.map(Response::new)
-    }
-}
-
-fn post_error(error: PostError) -> CommandError {
-    match error {
-        PostError::Exists => CommandError::Rejected(error.to_string()),
-        PostError::NoPost => CommandError::NotFound(error.to_string()),
-        PostError::NotAllowed => CommandError::PermissionDenied(error.to_string()),
-    }
-}
-
-fn comment_error(error: CommentError) -> CommandError {
-    match error {
-        CommentError::Exists | CommentError::PostNotPublished => CommandError::Rejected(error.to_string()),
-        CommentError::NoComment => CommandError::NotFound(error.to_string()),
-        CommentError::NotAllowed => CommandError::PermissionDenied(error.to_string()),
     }
 }

@@ -4,13 +4,11 @@ mod grpc;
 mod model;
 
 use keel_proto::blog::v1::blog_server::BlogServer;
-use keel_runtime::{KafkaConfig, Lifecycle};
-use sqlx::PgPool;
-use tokio::net::TcpListener;
+use tonic::service::Routes;
 
 pub use model::{Comments, Posts};
 
-use crate::service::ServiceBuilder;
+use crate::service::{CommandService, ServiceBuilder, ServiceSettings};
 
 crate::command_service_config! {
     /// The `blog` section of the configuration.
@@ -24,25 +22,21 @@ impl BlogConfig {
     }
 }
 
-/// Starts the blog service.
-pub async fn start(
-    config: &BlogConfig,
-    kafka_config: &KafkaConfig,
-    registry_url: &str,
-    pool: PgPool,
-    lifecycle: &mut Lifecycle,
-    grpc_listener: TcpListener,
-    admin_listener: TcpListener,
-) -> anyhow::Result<()> {
-    let mut service =
-        ServiceBuilder::new("blog", config.service(), kafka_config, registry_url, pool, lifecycle, grpc_listener)?;
-    let posts = service.engine(Posts).await?;
-    let comments = service.engine(Comments).await?;
-    let grpc = grpc::BlogGrpc {
-        posts,
-        comments,
-        peers: crate::forward::Peers::new("blog", config.service().command_timeout()),
-    };
-    service.serve(admin_listener, tonic::service::Routes::new(BlogServer::new(grpc)));
-    Ok(())
+/// The blog service: posts and comments.
+pub struct BlogService;
+
+impl CommandService for BlogService {
+    const NAME: &'static str = "blog";
+    type Config = BlogConfig;
+
+    fn settings(config: &BlogConfig) -> ServiceSettings {
+        config.service()
+    }
+
+    async fn build(_config: &BlogConfig, service: &mut ServiceBuilder<'_>) -> anyhow::Result<Routes> {
+        let posts = service.engine(Posts).await?;
+        let comments = service.engine(Comments).await?;
+        let grpc = grpc::BlogGrpc { posts, comments, peers: service.peers() };
+        Ok(Routes::new(BlogServer::new(grpc)))
+    }
 }

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::Context;
 use apache_avro::types::Value;
-use keel_domain::{Aggregate, DomainEvent};
+use keel_domain::{Aggregate, DomainError, DomainEvent};
 use keel_runtime::{KafkaConfig, ReadinessCheck};
 use keel_topics::{
     CodecError, CommitHeader, Decoded, SchemaRegistryCodec, Topic, kafka, membership::Membership, partitioning,
@@ -44,9 +44,16 @@ use writer::PartitionWriter;
 
 use crate::{Accepted, CommandError, CommandMeta};
 
-/// What the shared write path needs to know about one aggregate type.
+/// What the shared write path needs to know about one aggregate type: its commands, events and
+/// state, how a command is decided, and how its commits look on the wire.
 pub trait Model: Send + Sync + 'static {
-    type State: Aggregate<Event = Self::Event> + Serialize + DeserializeOwned + Send + Sync + 'static;
+    type State: Aggregate<Event = Self::Event, Command = Self::Command>
+        + Serialize
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static;
+    type Command: Clone + Send + Sync + 'static;
     type Event: DomainEvent + Send + Sync + 'static;
     /// Lookups across the aggregates of a partition that decisions need. It includes commits
     /// still in flight (the writer decides on a speculative state, and a command waits only for
@@ -74,6 +81,18 @@ pub trait Model: Send + Sync + 'static {
         decoded: Decoded,
     ) -> impl Future<Output = Result<Vec<Self::Event>, CodecError>> + Send;
 
+    /// Decides `command` against its aggregate's state and the partition's index: the events it
+    /// produces, or the domain's refusal. Pure; it may run more than once (when the state turns
+    /// out to lag the log, the command is decided again after catching up). By default the
+    /// aggregate decides alone.
+    fn decide(
+        state: &Self::State,
+        _index: &Self::Index,
+        command: &Self::Command,
+    ) -> Result<Vec<Self::Event>, DomainError> {
+        state.decide(command.clone()).map_err(Into::into)
+    }
+
     /// Keeps the index in step with an aggregate that changed from `before` to `after`.
     fn reindex(_index: &mut Self::Index, _id: Uuid, _before: &Self::State, _after: &Self::State) {}
 
@@ -84,22 +103,34 @@ pub trait Model: Send + Sync + 'static {
     }
 }
 
-/// Decides a command against its aggregate's state and the partition's index.
-/// A decision may run more than once: when the state turns out to lag the log, it is decided
-/// again after catching up.
-pub type Decide<M> = Box<
-    dyn Fn(&<M as Model>::State, &<M as Model>::Index) -> Result<Vec<<M as Model>::Event>, CommandError> + Send + Sync,
->;
+/// What a request asks of a partition's writer.
+pub enum Action<C> {
+    /// Decide this command.
+    Decide(C),
+    /// Answer with the aggregate's current state, appending nothing.
+    Read,
+}
 
-/// A command for the engine.
+/// A command for the engine (or, made by [`Engine::read`], a read).
 pub struct Command<M: Model> {
-    pub aggregate_id: Uuid,
+    aggregate_id: Uuid,
     /// The version the caller decided against (`If-Match`); `None`: the current one.
-    pub expected_version: Option<u64>,
-    pub meta: CommandMeta,
+    expected_version: Option<u64>,
+    meta: CommandMeta,
     /// The command's name in metrics.
-    pub name: &'static str,
-    pub decide: Decide<M>,
+    name: &'static str,
+    action: Action<M::Command>,
+}
+
+impl<M: Model> Command<M> {
+    pub fn new(aggregate_id: Uuid, meta: CommandMeta, name: &'static str, command: M::Command) -> Self {
+        Self { aggregate_id, expected_version: None, meta, name, action: Action::Decide(command) }
+    }
+
+    /// Only against this version of the aggregate (`If-Match`), if given.
+    pub fn expecting(self, expected_version: Option<u64>) -> Self {
+        Self { expected_version, ..self }
+    }
 }
 
 /// A command queued for a partition's writer.
@@ -107,7 +138,7 @@ pub struct Request<M: Model> {
     pub aggregate_id: Uuid,
     pub expected_version: Option<u64>,
     pub meta: CommandMeta,
-    pub decide: Decide<M>,
+    pub action: Action<M::Command>,
     /// After it, the caller has given up: the command is not decided any more (so no command
     /// takes effect long after its caller stopped waiting).
     pub deadline: Instant,
@@ -394,9 +425,8 @@ impl<M: Model> Engine<M> {
             correlation_id: Uuid::nil(),
             traceparent: None,
         };
-        let decide: Decide<M> = Box::new(|_, _| Ok(Vec::new()));
-        let command = Command { aggregate_id, expected_version: None, meta, name: "Read", decide };
-        self.dispatch(command).await
+        let read = Command { aggregate_id, expected_version: None, meta, name: "Read", action: Action::Read };
+        self.dispatch(read).await
     }
 
     async fn execute(
@@ -404,15 +434,16 @@ impl<M: Model> Engine<M> {
         writer: mpsc::Sender<Request<M>>,
         command: Command<M>,
     ) -> Result<Outcome<M::State>, CommandError> {
+        let Command { aggregate_id, expected_version, meta, name, action } = command;
         let (sender, outcome) = oneshot::channel();
         let received = Instant::now();
         let request = Request {
-            aggregate_id: command.aggregate_id,
-            expected_version: command.expected_version,
-            meta: command.meta,
-            decide: command.decide,
+            aggregate_id,
+            expected_version,
+            meta,
+            action,
             deadline: received + self.shared.settings.command_timeout,
-            reply: Reply { sender, received, service: M::SERVICE, command: command.name },
+            reply: Reply { sender, received, service: M::SERVICE, command: name },
         };
         writer.try_send(request).map_err(|error| match error {
             mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,

@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    Model, Outcome, Request, Shared,
+    Action, Model, Outcome, Request, Shared,
     partition::{PartitionState, Undo},
 };
 use crate::{Accepted, CommandError, CommandMeta};
@@ -385,8 +385,12 @@ impl<M: Model> PartitionWriter<M> {
         }
         let default = M::State::default();
         let decided_on = entry.map_or(&default, |entry| &entry.state);
-        match (request.decide)(decided_on, self.state.index()) {
-            Err(error) => Decision::Answer(Err(error), state()),
+        let decided = match &request.action {
+            Action::Decide(command) => M::decide(decided_on, self.state.index(), command),
+            Action::Read => Ok(Vec::new()),
+        };
+        match decided {
+            Err(refusal) => Decision::Answer(Err(refusal.into()), state()),
             Ok(events) if events.is_empty() => Decision::Answer(
                 Ok(Accepted { aggregate_id, version: current, position: None, replayed: false }),
                 state(),

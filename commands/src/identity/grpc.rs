@@ -4,12 +4,11 @@
 
 use std::{sync::Arc, time::Duration};
 
+use keel_clients::Auth;
 use keel_domain::{
-    Aggregate,
-    identity::{
-        AccountStatus, Bio, ChangeEmail, DisplayName, Email, RegisterUser, UpdateProfile, User, UserCommand, UserError,
-        UserId,
-    },
+    DomainError,
+    auth::Password,
+    identity::{AccountStatus, Bio, ChangeEmail, DisplayName, Email, UpdateProfile, User, UserCommand, UserId},
 };
 use keel_proto::{
     common::v1::CommandReply,
@@ -28,47 +27,31 @@ use crate::{
     CommandError, CommandMeta,
     engine::{Command, Engine, Location, Outcome},
     forward::{Peers, forwarded, is_forwarded},
-    grpc::{command_meta, expected_version, invalid, reply, uuid},
+    grpc::{execute, expected_version, invalid, receive, reply, uuid},
+    process::Processes,
 };
 
 pub struct IdentityGrpc {
-    users: Arc<Engine<Users>>,
-    claims: EmailClaims,
-    peers: Peers,
-    takeover_after: Duration,
+    pub(super) users: Arc<Engine<Users>>,
+    pub(super) claims: EmailClaims,
+    pub(super) peers: Peers,
+    pub(super) takeover_after: Duration,
+    /// Where registrations store passwords and erasures remove them.
+    pub(super) auth: Auth,
+    /// Registrations and erasures under way.
+    pub(super) processes: Processes,
+    /// Test-only: a process stops between its steps (to be killed there).
+    pub(super) pause_between_steps: bool,
 }
 
 impl IdentityGrpc {
-    pub fn new(users: Arc<Engine<Users>>, claims: EmailClaims, timeout: Duration, takeover_after: Duration) -> Self {
-        Self { users, claims, peers: Peers::new("identity", timeout), takeover_after }
-    }
-
-    /// Runs a command on the user `id`, on this instance (the caller found it serves the user).
-    async fn run(
-        &self,
-        id: UserId,
-        expected_version: Option<u64>,
-        meta: CommandMeta,
-        name: &'static str,
-        command: impl Fn() -> UserCommand + Send + Sync + 'static,
-    ) -> Result<Outcome<User>, Status> {
-        let command = Command {
-            aggregate_id: id.as_uuid(),
-            expected_version,
-            meta,
-            name,
-            decide: Box::new(move |user: &User, _: &()| user.decide(command()).map_err(domain_error)),
-        };
-        Ok(self.users.run(command).await?)
-    }
-
     /// Reserves `email` for `user`, taking over a reservation that outlived its command.
-    async fn reserve(&self, email: &Email, user: UserId) -> Result<(), Status> {
+    pub(super) async fn reserve(&self, email: &Email, user: UserId) -> Result<(), Status> {
         let Claimed::Taken { holder, age_secs } = self.claims.claim(email, user).await.map_err(storage)? else {
             return Ok(());
         };
         if self.user_state(holder).await?.email_claim == self.claims.id(email).0.to_string() {
-            return Err(CommandError::Rejected("the email address is already registered".into()).into());
+            return Err(CommandError::from(DomainError::conflict("the email address is already registered")).into());
         }
         if age_secs < self.takeover_after.as_secs_f64() {
             return Err(CommandError::Unavailable(
@@ -85,7 +68,7 @@ impl IdentityGrpc {
     }
 
     /// A user as the owner of its partition knows it, current with the log.
-    async fn user_state(&self, id: UserId) -> Result<UserState, Status> {
+    pub(super) async fn user_state(&self, id: UserId) -> Result<UserState, Status> {
         match self.users.locate(id.as_uuid()).await {
             Location::Here => Ok(self.state_of(&self.users.read_here(id.as_uuid()).await?)),
             Location::There(endpoint) => {
@@ -135,12 +118,8 @@ impl IdentityGrpc {
         if previous.as_ref() != Some(&email) && before.status() == Some(AccountStatus::Active) {
             self.reserve(&email, id).await?;
         }
-        let change = email.clone();
-        let outcome = self
-            .run(id, version, meta, "ChangeEmail", move || {
-                UserCommand::ChangeEmail(ChangeEmail { email: change.clone() })
-            })
-            .await;
+        let change = UserCommand::ChangeEmail(ChangeEmail { email: email.clone() });
+        let outcome = self.users.run(Command::new(id.as_uuid(), meta, "ChangeEmail", change).expecting(version)).await;
         match outcome {
             Ok(outcome) => {
                 if let Some(previous) = previous {
@@ -148,15 +127,15 @@ impl IdentityGrpc {
                 }
                 Ok(reply(&outcome.accepted))
             }
-            Err(status) if is_refusal(&status) => {
+            Err(error) if error.is_answer() => {
                 // The change did not happen; the new address is not this user's after all.
                 if let Ok(now) = self.users.read_here(id.as_uuid()).await {
                     self.release_unless_held(&email, id, &now.state).await;
                 }
-                Err(status)
+                Err(error.into())
             }
             // The outcome is unknown: the reservation stays for the retry.
-            Err(status) => Err(status),
+            Err(error) => Err(error.into()),
         }
     }
 }
@@ -165,20 +144,13 @@ impl IdentityGrpc {
 impl IdentityCommands for IdentityGrpc {
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn register_user(&self, request: Request<RegisterUserRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let email = Email::parse(&message.email).map_err(|error| invalid(error.to_string()))?;
         let display_name = DisplayName::parse(&message.display_name).map_err(|error| invalid(error.to_string()))?;
+        Password::parse(&message.password, &email).map_err(|error| invalid(error.to_string()))?;
         let id = UserId::for_registration(meta.command_id);
-        let local = || async move {
-            self.reserve(&email, id).await?;
-            let register = RegisterUser { id, email, display_name };
-            let outcome =
-                self.run(id, None, meta, "RegisterUser", move || UserCommand::Register(register.clone())).await?;
-            Ok(reply(&outcome.accepted))
-        };
+        let password = message.password.clone();
+        let local = || self.register_here(id, email, display_name, password, meta);
         let remote =
             |channel| async move { IdentityCommandsClient::new(channel).register_user(forwarded(message)).await };
         self.peers.route(&self.users, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
@@ -186,10 +158,7 @@ impl IdentityCommands for IdentityGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn update_profile(&self, request: Request<UpdateProfileRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
         let display_name = message
             .display_name
@@ -199,13 +168,9 @@ impl IdentityCommands for IdentityGrpc {
             .map_err(|error| invalid(error.to_string()))?;
         let bio = message.bio.as_deref().map(Bio::parse).transpose().map_err(|error| invalid(error.to_string()))?;
         let version = expected_version(message.expected_version)?;
-        let update = UpdateProfile { display_name, bio };
-        let local = || async move {
-            let outcome = self
-                .run(id, version, meta, "UpdateProfile", move || UserCommand::UpdateProfile(update.clone()))
-                .await?;
-            Ok(reply(&outcome.accepted))
-        };
+        let update = UserCommand::UpdateProfile(UpdateProfile { display_name, bio });
+        let local =
+            || execute(&self.users, Command::new(id.as_uuid(), meta, "UpdateProfile", update).expecting(version));
         let remote =
             |channel| async move { IdentityCommandsClient::new(channel).update_profile(forwarded(message)).await };
         self.peers.route(&self.users, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
@@ -213,10 +178,7 @@ impl IdentityCommands for IdentityGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn change_email(&self, request: Request<ChangeEmailRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
         let email = Email::parse(&message.email).map_err(|error| invalid(error.to_string()))?;
         let version = expected_version(message.expected_version)?;
@@ -228,16 +190,11 @@ impl IdentityCommands for IdentityGrpc {
 
     #[tracing::instrument(skip_all, fields(command_id))]
     async fn deactivate(&self, request: Request<UserCommandRequest>) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
         let version = expected_version(message.expected_version)?;
-        let local = || async move {
-            let outcome = self.run(id, version, meta, "Deactivate", || UserCommand::Deactivate).await?;
-            Ok(reply(&outcome.accepted))
-        };
+        let deactivate = Command::new(id.as_uuid(), meta, "Deactivate", UserCommand::Deactivate);
+        let local = || execute(&self.users, deactivate.expecting(version));
         let remote = |channel| async move { IdentityCommandsClient::new(channel).deactivate(forwarded(message)).await };
         self.peers.route(&self.users, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
     }
@@ -247,24 +204,10 @@ impl IdentityCommands for IdentityGrpc {
         &self,
         request: Request<UserCommandRequest>,
     ) -> Result<Response<CommandReply>, Status> {
-        let forwarded_already = is_forwarded(&request);
-        let message = request.into_inner();
-        let meta = command_meta(message.metadata.clone())?;
-        tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+        let (forwarded_already, message, meta) = receive(request)?;
         let id = UserId::from_uuid(uuid("user_id", &message.user_id)?);
         let version = expected_version(message.expected_version)?;
-        let local = || async move {
-            let outcome = self.run(id, version, meta, "ErasePersonalData", || UserCommand::ErasePersonalData).await?;
-            // The erasure is in the log: the key and the reservations go now (and the users
-            // projection shreds the key again when it applies the erasure, should this fail).
-            if let Err(error) = self.users.model().vault().shred(id.as_uuid()).await {
-                tracing::warn!(user = %id, %error, "failed to shred a key; the users projection will");
-            }
-            if let Err(error) = self.claims.release_all(id).await {
-                tracing::warn!(user = %id, %error, "failed to release an erased user's email reservations");
-            }
-            Ok(reply(&outcome.accepted))
-        };
+        let local = || self.erase_here(id, version, meta);
         let remote =
             |channel| async move { IdentityCommandsClient::new(channel).erase_personal_data(forwarded(message)).await };
         self.peers.route(&self.users, id.as_uuid(), forwarded_already, local, remote).await.map(Response::new)
@@ -280,40 +223,7 @@ impl IdentityCommands for IdentityGrpc {
     }
 }
 
-/// A definite refusal: the command did not take effect.
-fn is_refusal(status: &Status) -> bool {
-    use tonic::Code;
-    matches!(status.code(), Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::Aborted)
-}
-
 fn storage(error: sqlx::Error) -> Status {
     tracing::error!(%error, "email reservations are unavailable");
     CommandError::Unavailable("email reservations are unavailable; retry".into()).into()
-}
-
-fn domain_error(error: UserError) -> CommandError {
-    match error {
-        UserError::AlreadyRegistered(_) => CommandError::Rejected("the user is already registered".into()),
-        UserError::NotRegistered | UserError::Erased => CommandError::NotFound(error.to_string()),
-        UserError::Deactivated => CommandError::Rejected(error.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_are_told_apart_from_unknown_outcomes() {
-        assert!(is_refusal(&Status::aborted("stale")));
-        assert!(is_refusal(&Status::already_exists("taken")));
-        assert!(!is_refusal(&Status::unavailable("outcome unknown")));
-        assert!(!is_refusal(&Status::deadline_exceeded("slow")));
-    }
-
-    #[test]
-    fn erased_users_are_gone_and_deactivated_ones_refuse() {
-        assert!(matches!(domain_error(UserError::Erased), CommandError::NotFound(_)));
-        assert!(matches!(domain_error(UserError::Deactivated), CommandError::Rejected(_)));
-    }
 }

@@ -4,17 +4,22 @@
 mod claims;
 mod grpc;
 mod model;
+mod processes;
 
+use std::{sync::Arc, time::Duration};
+
+use keel_clients::{Auth, ServiceClient};
 use keel_proto::identity::v1::identity_commands_server::IdentityCommandsServer;
-use keel_runtime::{KafkaConfig, Lifecycle, Secret, config::ensure};
-use keel_topics::{PersonalDataConfig, Vault};
-use sqlx::PgPool;
-use tokio::net::TcpListener;
+use keel_runtime::{Secret, config::ensure};
+use tonic::service::Routes;
 
 pub use claims::{Claimed, EmailClaims};
 pub use model::Users;
 
-use crate::service::ServiceBuilder;
+use crate::{
+    process::Processes,
+    service::{CommandService, ServiceBuilder, ServiceSettings},
+};
 
 /// For development only.
 const DEVELOPMENT_EMAIL_KEY: &str = "keel-development-email-key";
@@ -30,6 +35,11 @@ crate::command_service_config! {
         /// holder does not hold the address (an interrupted command). Well above
         /// `command_timeout_ms`.
         claim_takeover_secs: u64 = 30,
+        /// Every auth instance: registrations store passwords there, erasures remove them.
+        auth_endpoints: Vec<String> = vec!["http://127.0.0.1:50061".into()],
+        /// Test-only: a registration or erasure stops for good between its two steps, so that a
+        /// test can kill the instance there. Never set it in production.
+        unsafe_pause_between_steps: bool = false,
     }
 }
 
@@ -45,51 +55,56 @@ impl IdentityConfig {
             self.claim_takeover_secs * 1000 >= 2 * self.command_timeout_ms,
             "identity.claim_takeover_secs",
             "must be at least twice identity.command_timeout_ms",
-        )
+        )?;
+        ensure(!self.auth_endpoints.is_empty(), "identity.auth_endpoints", "must name at least one endpoint")?;
+        for endpoint in &self.auth_endpoints {
+            ensure(
+                endpoint.parse::<http::Uri>().is_ok_and(|uri| uri.scheme().is_some() && uri.host().is_some()),
+                "identity.auth_endpoints",
+                "every entry must be a URL such as http://127.0.0.1:50061",
+            )?;
+        }
+        Ok(())
     }
 }
 
-/// Starts the identity service: admin endpoints, gRPC (it forwards or refuses until partitions
-/// are loaded) and the write path, which owns, loads and serves partitions as the group assigns
-/// them.
-#[allow(clippy::too_many_arguments)]
-pub async fn start(
-    config: &IdentityConfig,
-    personal_data: &PersonalDataConfig,
-    kafka_config: &KafkaConfig,
-    registry_url: &str,
-    pool: PgPool,
-    lifecycle: &mut Lifecycle,
-    grpc_listener: TcpListener,
-    admin_listener: TcpListener,
-) -> anyhow::Result<()> {
-    let email_key = match &config.email_key {
-        Some(key) => key.expose(),
-        None => {
-            tracing::warn!(
-                "identity.email_key is not set: using the development key; set your own outside development"
-            );
-            DEVELOPMENT_EMAIL_KEY
-        }
-    };
-    let mut service = ServiceBuilder::new(
-        "identity",
-        config.service(),
-        kafka_config,
-        registry_url,
-        pool.clone(),
-        lifecycle,
-        grpc_listener,
-    )?;
-    let vault = Vault::new(pool.clone(), personal_data)?;
-    let users = service.engine(Users::new(vault)).await?;
-    let claims = EmailClaims::new(pool, email_key);
-    let grpc = grpc::IdentityGrpc::new(
-        users,
-        claims,
-        config.service().command_timeout(),
-        std::time::Duration::from_secs(config.claim_takeover_secs),
-    );
-    service.serve(admin_listener, tonic::service::Routes::new(IdentityCommandsServer::new(grpc)));
-    Ok(())
+/// The identity service: users, with unique email addresses. Its gRPC server forwards or
+/// refuses until partitions are loaded; the write path owns, loads and serves partitions as the
+/// group assigns them.
+pub struct IdentityService;
+
+impl CommandService for IdentityService {
+    const NAME: &'static str = "identity";
+    type Config = IdentityConfig;
+
+    fn settings(config: &IdentityConfig) -> ServiceSettings {
+        config.service()
+    }
+
+    async fn build(config: &IdentityConfig, service: &mut ServiceBuilder<'_>) -> anyhow::Result<Routes> {
+        let email_key = match &config.email_key {
+            Some(key) => key.expose(),
+            None => {
+                tracing::warn!(
+                    "identity.email_key is not set: using the development key; set your own outside development"
+                );
+                DEVELOPMENT_EMAIL_KEY
+            }
+        };
+        let users = service.engine(Users::new(service.vault()?)).await?;
+        let timeout = service.settings().command_timeout();
+        let grpc = Arc::new(grpc::IdentityGrpc {
+            users,
+            claims: EmailClaims::new(service.pool().clone(), email_key),
+            peers: service.peers(),
+            takeover_after: Duration::from_secs(config.claim_takeover_secs),
+            auth: Auth::new(ServiceClient::new("auth", &config.auth_endpoints, timeout)?),
+            processes: Processes::new(service.pool().clone(), service.vault()?),
+            pause_between_steps: config.unsafe_pause_between_steps,
+        });
+        // A process left after its command's deadline was interrupted: its owner runs it again.
+        let token = service.lifecycle().token();
+        service.lifecycle().spawn("identity processes", grpc.clone().recover(2 * timeout, token));
+        Ok(Routes::new(IdentityCommandsServer::from_arc(grpc)))
+    }
 }

@@ -2,7 +2,7 @@
 //! sealed by the user's key.
 
 use apache_avro::types::Value;
-use keel_domain::identity::{User, UserEvent};
+use keel_domain::identity::{User, UserCommand, UserEvent};
 use keel_topics::{CodecError, CommitHeader, Decoded, Opened, Topic, Vault, identity as wire};
 use uuid::Uuid;
 
@@ -24,6 +24,7 @@ impl Users {
 
 impl Model for Users {
     type State = User;
+    type Command = UserCommand;
     type Event = UserEvent;
     type Index = ();
 

@@ -37,6 +37,14 @@ pub enum CredentialsError {
     NoPassword,
 }
 
+impl From<CredentialsError> for crate::DomainError {
+    fn from(error: CredentialsError) -> Self {
+        match error {
+            CredentialsError::NoPassword => Self::not_found(error.to_string()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Credentials {
     #[default]

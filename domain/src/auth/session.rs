@@ -162,6 +162,18 @@ pub enum SessionError {
     UnknownToken,
 }
 
+impl From<SessionError> for crate::DomainError {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::NoSession => Self::not_found(error.to_string()),
+            SessionError::AlreadyStarted => Self::conflict(error.to_string()),
+            SessionError::Revoked | SessionError::Expired | SessionError::UnknownToken => {
+                Self::unauthenticated(error.to_string())
+            }
+        }
+    }
+}
+
 /// How many retired tokens a session remembers for reuse detection. A family older than this
 /// many refreshes treats a very old token as unknown (refused, without revoking the family).
 pub const RETIRED_TOKENS_KEPT: usize = 256;

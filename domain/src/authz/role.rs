@@ -107,6 +107,15 @@ pub enum RoleError {
     NoRole,
 }
 
+impl From<RoleError> for crate::DomainError {
+    fn from(error: RoleError) -> Self {
+        match error {
+            RoleError::Exists => Self::conflict(error.to_string()),
+            RoleError::NoRole => Self::not_found(error.to_string()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     #[default]

@@ -82,6 +82,16 @@ pub enum CommentError {
     NotAllowed,
 }
 
+impl From<CommentError> for crate::DomainError {
+    fn from(error: CommentError) -> Self {
+        match error {
+            CommentError::Exists | CommentError::PostNotPublished => Self::conflict(error.to_string()),
+            CommentError::NoComment => Self::not_found(error.to_string()),
+            CommentError::NotAllowed => Self::not_allowed(error.to_string()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Comment {
     #[default]

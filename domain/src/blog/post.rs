@@ -115,6 +115,16 @@ pub enum PostError {
     NotAllowed,
 }
 
+impl From<PostError> for crate::DomainError {
+    fn from(error: PostError) -> Self {
+        match error {
+            PostError::Exists => Self::conflict(error.to_string()),
+            PostError::NoPost => Self::not_found(error.to_string()),
+            PostError::NotAllowed => Self::not_allowed(error.to_string()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PostStatus {

@@ -114,6 +114,17 @@ pub enum UserError {
     Erased,
 }
 
+impl From<UserError> for crate::DomainError {
+    fn from(error: UserError) -> Self {
+        match error {
+            // The message names nobody: the id is the caller's own, or a guess.
+            UserError::AlreadyRegistered(_) => Self::conflict("the user is already registered"),
+            UserError::NotRegistered | UserError::Erased => Self::not_found(error.to_string()),
+            UserError::Deactivated => Self::conflict(error.to_string()),
+        }
+    }
+}
+
 /// Whether an account can be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -258,6 +269,15 @@ impl Aggregate for User {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn erased_users_are_gone_and_deactivated_ones_refuse() {
+        use crate::{DomainError, Refusal};
+        assert_eq!(DomainError::from(UserError::Erased).refusal, Refusal::NotFound);
+        assert_eq!(DomainError::from(UserError::Deactivated).refusal, Refusal::Conflict);
+        let taken = DomainError::from(UserError::AlreadyRegistered(UserId::from_uuid(uuid::Uuid::nil())));
+        assert!(!taken.message.contains("00000000"), "a refusal names nobody: {taken}");
+    }
 
     fn given(events: &[UserEvent]) -> User {
         events.iter().fold(User::default(), |state, event| state.evolve(event))

@@ -5,21 +5,25 @@
 //!    must belong to an active user and an unrevoked session; an invalid token is `401`, never
 //!    treated as anonymous;
 //! 3. **rate limit per user** (`gateway.rate_limit.per_user`);
-//! 4. **permission check** through authz, by the route's [`Access`](crate::routes::Access):
+//! 4. **permission check** through authz, by the route's [`Access`]:
 //!    `401` without a user where one is needed, `403` when authz says no;
 //! 5. the handler, with the [`Caller`] and its [`Decision`] in the request's extensions.
 //!
 //! Every refusal is problem+json: `429` with `Retry-After`, `401` with `WWW-Authenticate`.
 
+pub mod access;
 pub mod permissions;
 pub mod ratelimit;
-pub mod status;
+pub mod revocation;
 pub mod tokens;
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use axum::{
-    extract::{ConnectInfo, MatchedPath, Request, State},
+    extract::{ConnectInfo, Request, State},
     http::{HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -27,16 +31,13 @@ use axum::{
 use keel_proto::ErrorCode;
 use uuid::Uuid;
 
+pub use access::{Access, Owner, permission};
 pub use permissions::{Decision, Permissions};
 pub use ratelimit::{Limited, RateLimiter, Rule};
-pub use status::StatusCache;
+pub use revocation::StatusCache;
 pub use tokens::TokenVerifier;
 
-use crate::{
-    AppState,
-    problem::Problem,
-    routes::{self, Access, Owner},
-};
+use crate::problem::Problem;
 
 /// Who sent a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +80,15 @@ pub struct Rules {
     pub per_user: Rule,
     pub login_per_ip: Rule,
     pub login_per_account: Rule,
+}
+
+/// What the pipeline of one route needs: the shared parts, and the route's rule.
+#[derive(Clone)]
+pub struct RouteGuard {
+    pub security: Arc<Security>,
+    pub access: Access,
+    /// The route's path template (`/v1/users/{id}`), where [`Owner::PathUser`] finds the owner.
+    pub template: &'static str,
 }
 
 /// What the pipeline needs.
@@ -156,14 +166,16 @@ async fn authenticate(security: &Security, token: &str) -> Result<Caller, Respon
     Ok(Caller::User { id: claims.sub, session: claims.sid, expires_at: claims.exp })
 }
 
-/// The pipeline, as an axum middleware on the API routes.
+/// The pipeline, as an axum middleware on each API route, with that route's rule. The handler
+/// finds the [`Caller`], the [`ClientIp`], the [`Decision`] and the route's [`Access`] in the
+/// request's extensions.
 pub async fn pipeline(
-    State(state): State<AppState>,
+    State(guard): State<RouteGuard>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let security = &state.security;
+    let security = &guard.security;
     let ip = client_ip(&request, peer, security.trust_forwarded_for);
     let ip_key = format!("ip:{ip}");
     // The per-IP limit comes before any work a request could make the gateway do. A token whose
@@ -194,25 +206,18 @@ pub async fn pipeline(
     {
         return too_many(limited);
     }
-    let Some(route) =
-        request.extensions().get::<MatchedPath>().and_then(|path| routes::find(request.method(), path.as_str()))
-    else {
-        // Every API route is in the table; one that is not is refused, not let through.
-        tracing::error!(method = %request.method(), "a route without an access rule was called");
-        return Problem::internal().into_response();
-    };
-    let decision = match route.access {
+    let decision = match guard.access {
         Access::Public => Decision::Allow,
         Access::Authenticated if caller == Caller::Anonymous => return unauthenticated("sign in first"),
         Access::Authenticated => Decision::Allow,
         Access::Permission { action, owner: whose } => {
             let Some(user) = caller.user() else { return unauthenticated("sign in first") };
             let owner = match whose {
-                Owner::PathUser => match path_uuid(request.uri().path(), route.path) {
+                Owner::PathUser => match path_uuid(request.uri().path(), guard.template) {
                     Some(owner) => Some(owner),
                     None => return Problem::bad_request("the user id must be a UUID").into_response(),
                 },
-                Owner::Service | Owner::Nobody => None,
+                Owner::Resource | Owner::Nobody => None,
             };
             match security.permissions.check(user, action, owner).await {
                 Ok(Decision::Deny) => return forbidden(),
@@ -225,6 +230,7 @@ pub async fn pipeline(
     request.extensions_mut().insert(caller);
     request.extensions_mut().insert(ClientIp(ip));
     request.extensions_mut().insert(decision);
+    request.extensions_mut().insert(guard.access);
     let response = next.run(request).await;
     if response.status() == StatusCode::UNAUTHORIZED && !response.headers().contains_key(header::WWW_AUTHENTICATE) {
         let mut response = response;

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use keel_proto::authz::v1::{CheckPermissionRequest, Decision as WireDecision, authz_client::AuthzClient};
+use keel_clients::Authz;
+use keel_proto::authz::v1::{CheckPermissionRequest, Decision as WireDecision};
 use uuid::Uuid;
 
-use crate::{clients::ServiceClient, problem::Problem};
+use crate::problem::Problem;
 
 /// What authz answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,17 +32,13 @@ impl Decision {
 type Key = (Uuid, &'static str, Option<Uuid>);
 
 pub struct Permissions {
-    authz: ServiceClient,
+    authz: Authz,
     cache: moka::future::Cache<Key, Decision>,
 }
 
 impl Permissions {
-    pub fn new(authz: ServiceClient, ttl: Duration) -> Self {
+    pub fn new(authz: Authz, ttl: Duration) -> Self {
         Self { authz, cache: moka::future::Cache::builder().max_capacity(1_000_000).time_to_live(ttl).build() }
-    }
-
-    pub fn client(&self) -> &ServiceClient {
-        &self.authz
     }
 
     /// May `subject` do `action` on a resource of `owner` (`None`: not known here)?
@@ -54,11 +51,7 @@ impl Permissions {
                     action: action.to_owned(),
                     owner: owner.map(|owner| owner.to_string()),
                 };
-                let reply = authz
-                    .send("CheckPermission", request, |channel, request| async move {
-                        AuthzClient::new(channel).check_permission(request).await
-                    })
-                    .await?;
+                let reply = authz.check_permission(request).await?;
                 Ok::<_, tonic::Status>(match reply.decision() {
                     WireDecision::Allow => Decision::Allow,
                     WireDecision::AllowOwn => Decision::AllowOwn,

@@ -17,13 +17,13 @@ use std::{
 
 use ed25519_dalek::VerifyingKey;
 use keel_proto::{
-    auth::v1::{GetJwksRequest, auth_client::AuthClient},
+    auth::v1::GetJwksRequest,
     token::{self, AccessClaims, Expectations, TokenError},
 };
 use tokio::{sync::Mutex, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::clients::ServiceClient;
+use keel_clients::Auth;
 
 /// Claims of tokens whose signatures were checked, by token, within a byte budget.
 struct Verified {
@@ -45,7 +45,7 @@ impl Verified {
 }
 
 pub struct TokenVerifier {
-    auth: ServiceClient,
+    auth: Auth,
     expectations: Expectations,
     verified: Verified,
     keys: RwLock<Arc<HashMap<String, VerifyingKey>>>,
@@ -59,7 +59,7 @@ const UNKNOWN_KEY_REFRESH: Duration = Duration::from_secs(1);
 
 impl TokenVerifier {
     /// `verified_bytes`: how much memory the claims of verified tokens may take.
-    pub fn new(auth: ServiceClient, expectations: Expectations, verified_bytes: u64) -> Self {
+    pub fn new(auth: Auth, expectations: Expectations, verified_bytes: u64) -> Self {
         Self {
             auth,
             expectations,
@@ -90,9 +90,7 @@ impl TokenVerifier {
         }
         let jwks = self
             .auth
-            .send("GetJwks", GetJwksRequest {}, |channel, request| async move {
-                AuthClient::new(channel).get_jwks(request).await
-            })
+            .get_jwks(GetJwksRequest {})
             .await
             .map_err(|status| anyhow::anyhow!("auth did not give its keys: {}", status.message()))?
             .json;

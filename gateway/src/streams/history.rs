@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use chrono::SecondsFormat;
 use keel_topics::{Topic, TopicNames};
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
 use tokio::time::Instant;
 
-use keel_projections::audit::{AuditEntry, COLUMNS};
+use keel_read_models::audit;
 
 use super::{
     cursor::Position,
@@ -43,23 +43,11 @@ pub async fn wait_until_audited(
     timeout: Duration,
 ) -> Result<(), HistoryError> {
     let deadline = Instant::now() + timeout;
-    let topics: Vec<String> = ranges.iter().map(|range| names.name(range.topic)).collect();
-    let partitions: Vec<i32> = ranges.iter().map(|range| range.partition).collect();
-    let until: Vec<i64> = ranges.iter().map(|range| range.until_offset).collect();
+    // Applied up to its end: its last record, the one before `until_offset`, is applied.
+    let records: Vec<(String, i32, i64)> =
+        ranges.iter().map(|range| (names.name(range.topic), range.partition, range.until_offset - 1)).collect();
     loop {
-        let behind: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM UNNEST($1::text[], $2::integer[], $3::bigint[]) AS wanted(topic, partition, until_offset)
-             WHERE NOT EXISTS (
-                 SELECT 1 FROM projection_checkpoints checkpoint
-                 JOIN projections live ON live.name = checkpoint.projection AND live.live_version = checkpoint.projection_version
-                 WHERE checkpoint.projection = 'audit' AND checkpoint.topic = wanted.topic
-                   AND checkpoint.partition = wanted.partition AND checkpoint.next_offset >= wanted.until_offset)",
-        )
-        .bind(&topics)
-        .bind(&partitions)
-        .bind(&until)
-        .fetch_one(pool)
-        .await?;
+        let behind = keel_projections::unapplied(pool, "audit", &records).await?;
         if behind == 0 {
             return Ok(());
         }
@@ -78,23 +66,14 @@ pub async fn page(
     filter: &Filter,
 ) -> Result<Vec<StreamEvent>, HistoryError> {
     let types: Option<Vec<String>> = filter.types.as_ref().map(|types| types.iter().cloned().collect());
-    let rows: Vec<AuditEntry> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM audit_log
-         WHERE topic = $1 AND partition = $2 AND (\"offset\", event_index) >= ($3, $4) AND \"offset\" < $5
-           AND ($6::uuid IS NULL OR aggregate_id = $6) AND ($7::text[] IS NULL OR event_type = ANY($7))
-         ORDER BY \"offset\", event_index
-         LIMIT $8"
-    )))
-    .bind(names.name(range.topic))
-    .bind(range.partition)
-    .bind(range.from.offset)
-    .bind(range.from.event_index)
-    .bind(range.until_offset)
-    .bind(filter.aggregate)
-    .bind(types)
-    .bind(PAGE)
-    .fetch_all(pool)
-    .await?;
+    let topic = names.name(range.topic);
+    let stretch = audit::Stretch {
+        topic: &topic,
+        partition: range.partition,
+        from: (range.from.offset, range.from.event_index),
+        until_offset: range.until_offset,
+    };
+    let rows = audit::stretch(pool, stretch, filter.aggregate, types.as_deref(), PAGE).await?;
     Ok(rows
         .into_iter()
         .map(|row| {

@@ -175,7 +175,9 @@ impl Hub {
     pub async fn start(context: &HubContext, topic: Topic) -> anyhow::Result<Arc<Self>> {
         let topic_name = context.names.name(topic);
         let partitions = topic.spec().partitions;
-        let (head, mut streams) = starting_point(&context.pool, &topic_name, partitions).await?;
+        // Where the audit log is: events before it come from the audit log, the rest live.
+        let (head, mut streams) =
+            keel_projections::live_position(&context.pool, "audit", &topic_name, partitions).await?;
         let mut reader = Some(context.reader(&topic_name, partitions, &head)?);
         tracing::info!(topic = %topic_name, aggregates = streams.len(), "stream hub starting");
         let hub = Arc::new(Self {
@@ -383,51 +385,6 @@ impl Hub {
 
 fn by_partition(head: &[i64]) -> BTreeMap<i32, i64> {
     head.iter().enumerate().map(|(partition, offset)| (partition as i32, *offset)).collect()
-}
-
-/// Where the audit projection is in `topic` and the validation state it has there, read in one
-/// snapshot. With no audit projection yet, the start of the topic and no state.
-async fn starting_point(
-    pool: &PgPool,
-    topic: &str,
-    partitions: i32,
-) -> anyhow::Result<(Vec<i64>, HashMap<Uuid, StreamState>)> {
-    let mut transaction = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *transaction).await?;
-    let live: Option<i32> = sqlx::query_scalar("SELECT live_version FROM projections WHERE name = 'audit'")
-        .fetch_optional(&mut *transaction)
-        .await?;
-    let mut head = vec![0; partitions as usize];
-    let mut streams = HashMap::new();
-    if let Some(live) = live {
-        let checkpoints: Vec<(i32, i64)> = sqlx::query_as(
-            "SELECT partition, next_offset FROM projection_checkpoints
-             WHERE projection = 'audit' AND projection_version = $1 AND topic = $2",
-        )
-        .bind(live)
-        .bind(topic)
-        .fetch_all(&mut *transaction)
-        .await?;
-        for (partition, next_offset) in checkpoints {
-            if let Some(slot) = head.get_mut(partition as usize) {
-                *slot = next_offset;
-            }
-        }
-        let rows: Vec<(Uuid, i64, Vec<Uuid>)> = sqlx::query_as(
-            "SELECT aggregate_id, version, recent_commands FROM projection_streams
-             WHERE projection = 'audit' AND projection_version = $1 AND topic = $2",
-        )
-        .bind(live)
-        .bind(topic)
-        .fetch_all(&mut *transaction)
-        .await?;
-        streams = rows
-            .into_iter()
-            .map(|(id, version, commands)| (id, StreamState::from_parts(version as u64, commands)))
-            .collect();
-    }
-    transaction.commit().await?;
-    Ok((head, streams))
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-//! `GET /v1/streams/{stream}` and `GET /v1/streams/{stream}/{id}`: live events as Server-Sent
-//! Events.
+//! `GET /v1/streams/{stream}`, `GET /v1/streams/{stream}/{id}` and `GET /v1/streams/audit`: live
+//! events as Server-Sent Events. Who may watch what is the route table's: a whole topic needs
+//! `streams:read:any`, the audit stream `audit:read:any`, one aggregate `streams:read` for its
+//! owner (found here, in the read models).
 //!
 //! A stream is a topic by its alias (`users`, `posts`, …), every topic (`audit`), or one aggregate
 //! of a topic (`/v1/streams/posts/{id}`), filtered by event type (`?type=PostPublished,…`). It
@@ -40,6 +42,7 @@ use axum::{
 };
 use chrono::DateTime;
 use futures::FutureExt;
+use keel_read_models::{blog, sessions};
 use keel_topics::{Topic, kafka, partitioning};
 use rdkafka::{
     Offset, TopicPartitionList,
@@ -58,7 +61,7 @@ use self::{
 use crate::{
     AppState, pagination,
     problem::Problem,
-    security::{Caller, Decision},
+    security::{Access, Caller, Decision},
 };
 
 /// The `gateway.streams` section of the configuration.
@@ -218,71 +221,113 @@ fn topics_of(alias: &str) -> Option<&'static [Topic]> {
 
 const ALIASES: &str = "users, sessions, roles, grants, posts, comments, audit";
 
-/// Whose `aggregate` of the stream `alias` is, from the read models; `None` when only admins
-/// may watch it. A missing aggregate is `404`.
+/// Whose `aggregate` of the stream `alias` is, from the read models; `None` when it belongs to
+/// nobody (only those allowed any may watch it). A missing aggregate is `404`.
 async fn owner(state: &AppState, alias: &str, aggregate: Uuid) -> Result<Option<Uuid>, Problem> {
-    let statement = match alias {
+    let pool = &state.pool;
+    let owner = match alias {
         "users" | "grants" => return Ok(Some(aggregate)),
-        "sessions" => "SELECT user_id FROM auth_sessions WHERE id = $1",
-        "posts" => "SELECT author_id FROM posts WHERE id = $1",
-        "comments" => "SELECT author_id FROM comments WHERE id = $1",
+        "sessions" => sessions::owner(pool, aggregate).await,
+        "posts" => blog::post_author(pool, aggregate).await,
+        "comments" => blog::comment_author(pool, aggregate).await,
         _ => return Ok(None),
-    };
-    let owner: Option<Uuid> =
-        sqlx::query_scalar(statement).bind(aggregate).fetch_optional(&state.pool).await.map_err(|error| {
-            tracing::error!(%error, "failed to look up a stream's owner");
-            Problem::from_code(keel_proto::ErrorCode::Unavailable)
-        })?;
+    }
+    .map_err(|error| {
+        tracing::error!(%error, "failed to look up a stream's owner");
+        Problem::from_code(keel_proto::ErrorCode::Unavailable)
+    })?;
     owner.map(Some).ok_or_else(|| Problem::not_found(format!("no {alias} aggregate {aggregate}")))
 }
 
-/// `GET /v1/streams/{stream}`.
+/// `GET /v1/streams/{stream}`: a whole topic.
 pub(crate) async fn topic(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(access): Extension<Access>,
     Path(alias): Path<String>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, Problem> {
-    open(state, caller, alias, None, headers, query).await
+    let permission = (permission_of(access)?, None);
+    open(state, caller, permission, alias, None, headers, query).await
 }
 
-/// `GET /v1/streams/{stream}/{id}`.
+/// `GET /v1/streams/audit`: every topic.
+pub(crate) async fn audit(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(access): Extension<Access>,
+    headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let permission = (permission_of(access)?, None);
+    open(state, caller, permission, AUDIT.to_owned(), None, headers, query).await
+}
+
+/// `GET /v1/streams/{stream}/{id}`: one aggregate, for its owner (as authz allows: "own" is
+/// checked here against the aggregate's owner in the read models) or anyone allowed any.
 pub(crate) async fn aggregate(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(access): Extension<Access>,
+    Extension(decision): Extension<Decision>,
     Path((alias, id)): Path<(String, String)>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let id = crate::commands::parse_id(&id, "aggregate")?;
-    open(state, caller, alias, Some(id), headers, query).await
+    topics_of(&alias).ok_or_else(|| unknown_stream(&alias))?;
+    if alias == AUDIT {
+        return Err(Problem::not_found("the audit stream has no aggregates"));
+    }
+    let owner = owner(&state, &alias, id).await?;
+    let allowed = match decision {
+        Decision::Allow => true,
+        Decision::AllowOwn => owner.is_some() && owner == caller.user(),
+        Decision::Deny => false,
+    };
+    if !allowed {
+        return Err(forbidden());
+    }
+    open(state, caller, (permission_of(access)?, owner), alias, Some(id), headers, query).await
 }
 
+/// The alias of the stream of every topic.
+const AUDIT: &str = "audit";
+
+fn unknown_stream(alias: &str) -> Problem {
+    Problem::not_found(format!("no stream `{alias}`; streams: {ALIASES}"))
+}
+
+fn forbidden() -> Problem {
+    Problem::from_code(keel_proto::ErrorCode::PermissionDenied).detail("you may not watch this stream")
+}
+
+/// The permission a stream route needs (every one needs one; the route table says which).
+fn permission_of(access: Access) -> Result<&'static str, Problem> {
+    access.action().ok_or_else(|| {
+        tracing::error!(?access, "a stream route without a permission");
+        Problem::internal()
+    })
+}
+
+/// Opens a stream the pipeline and the route allowed `caller` to watch; `permission` is what it
+/// is rechecked against while open.
 async fn open(
     state: AppState,
     caller: Caller,
+    permission: (&'static str, Option<Uuid>),
     alias: String,
     aggregate: Option<Uuid>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, Problem> {
-    let topics =
-        topics_of(&alias).ok_or_else(|| Problem::not_found(format!("no stream `{alias}`; streams: {ALIASES}")))?;
+    let topics = topics_of(&alias).ok_or_else(|| unknown_stream(&alias))?;
     let Query(pairs) = query.map_err(|_| Problem::bad_request("the query string is malformed"))?;
     let params = pagination::params(pairs, &["from", "type"])?;
     let Caller::User { id: user, session, expires_at } = caller else {
         return Err(Problem::from_code(keel_proto::ErrorCode::Unauthenticated));
     };
-    let permission = match (alias.as_str(), aggregate) {
-        ("audit", None) => ("audit:read", None),
-        ("audit", Some(_)) => return Err(Problem::not_found("the audit stream has no aggregates")),
-        (_, None) => ("streams:read", None),
-        (_, Some(id)) => ("streams:read", owner(&state, &alias, id).await?),
-    };
-    if state.security.permissions.check(user, permission.0, permission.1).await? != Decision::Allow {
-        return Err(Problem::from_code(keel_proto::ErrorCode::PermissionDenied).detail("you may not watch this stream"));
-    }
     let filter = Arc::new(Filter {
         aggregate,
         types: params.get("type").map(|types| {
@@ -350,7 +395,7 @@ async fn open(
     let token_left = (expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
     let feed = Feed {
         state: state.clone(),
-        access: Access {
+        viewer: Viewer {
             user,
             session,
             permission,
@@ -431,7 +476,7 @@ const TOKEN_EXPIRED: &str = "the access token expired; resume with a fresh one";
 
 /// Who a stream is for; it ends when their token expires, their session ends, or they lose the
 /// permission it needs.
-struct Access {
+struct Viewer {
     user: Uuid,
     session: Uuid,
     /// The action and owner the stream was allowed for.
@@ -440,7 +485,7 @@ struct Access {
     recheck: tokio::time::Interval,
 }
 
-impl Access {
+impl Viewer {
     /// Why the stream must end now, if it must: the session or the user is no longer active, or
     /// the permission was taken away. What cannot be read now counts as unchanged: the stream
     /// was allowed, and a database or authz hiccup should not drop every stream.
@@ -462,7 +507,7 @@ impl Access {
 /// One client's stream: history first, then live events, then a final event.
 struct Feed {
     state: AppState,
-    access: Access,
+    viewer: Viewer,
     filter: Arc<Filter>,
     cursor: Cursor,
     ranges: VecDeque<Range>,
@@ -501,11 +546,11 @@ impl Feed {
                 sent = out.send(event) => if sent.is_err() { return },
                 () = tokio::time::sleep(stall) => {
                     metrics::counter!("keel_stream_stalled_total").increment(1);
-                    tracing::info!(user = %self.access.user, "a stream client took nothing for too long; dropped");
+                    tracing::info!(user = %self.viewer.user, "a stream client took nothing for too long; dropped");
                     return;
                 }
                 () = self.shutdown.cancelled() => return,
-                () = tokio::time::sleep_until(self.access.expires) => return,
+                () = tokio::time::sleep_until(self.viewer.expires) => return,
             }
         }
     }
@@ -516,11 +561,11 @@ impl Feed {
         if self.shutdown.is_cancelled() {
             return Some(self.last("end", SHUTTING_DOWN));
         }
-        if tokio::time::Instant::now() >= self.access.expires {
+        if tokio::time::Instant::now() >= self.viewer.expires {
             return Some(self.last("end", TOKEN_EXPIRED));
         }
-        if self.access.recheck.tick().now_or_never().is_some()
-            && let Some(reason) = self.access.withdrawn(&self.state).await
+        if self.viewer.recheck.tick().now_or_never().is_some()
+            && let Some(reason) = self.viewer.withdrawn(&self.state).await
         {
             return Some(self.last("end", reason));
         }
@@ -592,11 +637,11 @@ impl Feed {
             let event = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return Some(self.last("end", SHUTTING_DOWN)),
-                () = tokio::time::sleep_until(self.access.expires) => {
+                () = tokio::time::sleep_until(self.viewer.expires) => {
                     return Some(self.last("end", TOKEN_EXPIRED));
                 }
-                _ = self.access.recheck.tick() => {
-                    if let Some(reason) = self.access.withdrawn(&self.state).await {
+                _ = self.viewer.recheck.tick() => {
+                    if let Some(reason) = self.viewer.withdrawn(&self.state).await {
                         return Some(self.last("end", reason));
                     }
                     continue;

@@ -44,7 +44,7 @@ pub(super) async fn run(config: &KeelConfig, seconds: u64, probes: u32, gateway:
 
     let (user, token) = sign_up(&http, gateway).await?;
     let listening = postgres::listen_pool(&config.database, "keel-bench")?;
-    let pool = postgres::pool(&config.database, "keel-bench", crate::roles::TOOL_CONNECTIONS)?;
+    let pool = postgres::pool(&config.database, "keel-bench", crate::root::TOOL_CONNECTIONS)?;
     let mut listener = PgListener::connect_with(&listening).await.context("failed to listen for projection batches")?;
     listener.listen(keel_topics::APPLIED_CHANNEL).await?;
     let mut answered = Vec::new();

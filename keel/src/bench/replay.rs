@@ -57,7 +57,7 @@ struct Figures {
 
 async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectOptions) -> anyhow::Result<Figures> {
     let pool = PgPool::connect_with(database).await.context("failed to connect to the bench database")?;
-    crate::roles::MIGRATOR.run(&pool).await?;
+    crate::root::MIGRATOR.run(&pool).await?;
     let scratch = ScratchTopics::create(config, id).await?;
     let kafka_config = scratch.kafka.clone();
     let topic = scratch.names.name(Topic::IdentityUsers);
@@ -90,7 +90,7 @@ async fn replay(config: &KeelConfig, events: u64, id: &str, database: PgConnectO
         kafka_config.clone(),
         &config.schema_registry.url,
         pool.clone(),
-        &config.personal_data,
+        keel_read_models::catalogue(keel_topics::Vault::new(pool.clone(), &config.personal_data)?),
         keel_runtime::notifications::Notifications::new(&[]),
     )?;
     eprintln!("rebuilding users");

@@ -348,6 +348,7 @@ impl Platform {
                     format!("http://127.0.0.1:{identity_grpc},http://127.0.0.1:{second_identity_grpc}"),
                 ),
                 ("KEEL_GATEWAY__AUTH_ENDPOINTS", format!("http://127.0.0.1:{auth_grpc}")),
+                ("KEEL_IDENTITY__AUTH_ENDPOINTS", format!("http://127.0.0.1:{auth_grpc}")),
                 ("KEEL_GATEWAY__AUTHZ_ENDPOINTS", format!("http://127.0.0.1:{authz_grpc}")),
                 ("KEEL_GATEWAY__BLOG_ENDPOINTS", format!("http://127.0.0.1:{blog_grpc}")),
                 ("KEEL_LOG__FORMAT", "json".to_owned()),

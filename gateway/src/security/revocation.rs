@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use keel_read_models::{sessions, users};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -31,10 +32,7 @@ impl StatusCache {
         let pool = self.pool.clone();
         self.users
             .try_get_with(user, async move {
-                let status: Option<String> = sqlx::query_scalar("SELECT status FROM users WHERE id = $1")
-                    .bind(user)
-                    .fetch_optional(&pool)
-                    .await?;
+                let status = users::status(&pool, user).await?;
                 Ok::<_, sqlx::Error>(status.as_deref() == Some("active"))
             })
             .await
@@ -47,11 +45,7 @@ impl StatusCache {
         let pool = self.pool.clone();
         self.sessions
             .try_get_with(session, async move {
-                let revoked: Option<bool> =
-                    sqlx::query_scalar("SELECT revoked_at IS NOT NULL FROM auth_sessions WHERE id = $1")
-                        .bind(session)
-                        .fetch_optional(&pool)
-                        .await?;
+                let revoked = sessions::is_revoked(&pool, session).await?;
                 Ok::<_, sqlx::Error>(revoked.unwrap_or(false))
             })
             .await

@@ -5,7 +5,7 @@ use axum::{Json, extract::State, response::IntoResponse};
 
 use crate::{AppState, problem::Problem};
 
-pub(crate) async fn projections(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
+pub(crate) async fn status(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
     let report = keel_projections::status::report(&state.pool, state.streams.kafka(), &state.names, &state.projections)
         .await
         .map_err(|error| {

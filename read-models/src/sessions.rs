@@ -4,12 +4,12 @@
 use anyhow::Context;
 use keel_domain::auth::SessionEvent;
 use keel_topics::{Topic, auth};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
-use crate::{
-    Commit, Projection, TableSpec, Tables,
-    status_notice::{self, Subject},
-};
+use keel_projections::{Commit, Projection, TableSpec, Tables};
+
+use crate::status_notice::{self, Subject};
 
 pub struct SessionsProjection;
 
@@ -90,4 +90,19 @@ impl Projection for SessionsProjection {
         }
         status_notice::announce(connection, Subject::Session, &revoked).await
     }
+}
+
+// --- Queries -------------------------------------------------------------------------------------
+
+/// Whose session `id` is, if the read model has it.
+pub async fn owner(pool: &PgPool, id: Uuid) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT user_id FROM auth_sessions WHERE id = $1").bind(id).fetch_optional(pool).await
+}
+
+/// Whether the session `id` was revoked, if the read model has it.
+pub async fn is_revoked(pool: &PgPool, id: Uuid) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar("SELECT revoked_at IS NOT NULL FROM auth_sessions WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
 }

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{FromRow, PgConnection, PgPool, QueryBuilder, Row};
 use uuid::Uuid;
 
-use crate::{Commit, Projection, TableSpec, Tables};
+use keel_projections::{Commit, Projection, TableSpec, Tables};
 
 pub struct AuditProjection;
 
@@ -341,6 +341,115 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
         }
     }
     Ok(verification)
+}
+
+// --- Queries -------------------------------------------------------------------------------------
+
+/// Which entries [`entries`] reads; each given filter narrows it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Filter {
+    pub actor: Option<String>,
+    pub aggregate: Option<Uuid>,
+    pub event_type: Option<String>,
+    /// Inclusive, on `occurred_at`.
+    pub from: Option<DateTime<Utc>>,
+    /// Exclusive, on `occurred_at`.
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// Where an entry stands in the time order of [`entries`]: `(occurred_at, topic, partition,
+/// offset, event_index)`, a total order (the last four are the primary key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    pub occurred_at: DateTime<Utc>,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub event_index: i32,
+}
+
+/// `rows` entries matching `filter` after `after`, in time order. Every input is a bound
+/// parameter; each filter is a prefix of an index (`audit_log_actor`, `audit_log_aggregate`,
+/// `audit_log_occurred_at`) whose next column is the leading sort key, so a page is an index
+/// range scan.
+pub async fn entries(
+    pool: &PgPool,
+    filter: &Filter,
+    after: Option<&Place>,
+    rows: i64,
+) -> Result<Vec<AuditEntry>, sqlx::Error> {
+    let mut sql = QueryBuilder::<sqlx::Postgres>::new(format!("SELECT {COLUMNS} FROM audit_log WHERE TRUE"));
+    if let Some(actor) = &filter.actor {
+        sql.push(" AND actor = ").push_bind(actor);
+    }
+    if let Some(aggregate) = filter.aggregate {
+        sql.push(" AND aggregate_id = ").push_bind(aggregate);
+    }
+    if let Some(event_type) = &filter.event_type {
+        sql.push(" AND event_type = ").push_bind(event_type);
+    }
+    if let Some(from) = filter.from {
+        sql.push(" AND occurred_at >= ").push_bind(from);
+    }
+    if let Some(to) = filter.to {
+        sql.push(" AND occurred_at < ").push_bind(to);
+    }
+    if let Some(after) = after {
+        // The plain bound on the leading column lets the index start at the cursor; the row
+        // comparison then orders ties exactly.
+        sql.push(" AND occurred_at >= ").push_bind(after.occurred_at);
+        sql.push(" AND (occurred_at, topic, partition, \"offset\", event_index) > (");
+        sql.push_bind(after.occurred_at)
+            .push(", ")
+            .push_bind(after.topic.clone())
+            .push(", ")
+            .push_bind(after.partition)
+            .push(", ")
+            .push_bind(after.offset)
+            .push(", ")
+            .push_bind(after.event_index)
+            .push(")");
+    }
+    sql.push(" ORDER BY occurred_at, topic, partition, \"offset\", event_index LIMIT ").push_bind(rows);
+    sql.build_query_as::<AuditEntry>().fetch_all(pool).await
+}
+
+/// A stretch of one partition's entries: from `(offset, event_index)` up to (not including)
+/// `until_offset`.
+#[derive(Debug, Clone, Copy)]
+pub struct Stretch<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub from: (i64, i32),
+    pub until_offset: i64,
+}
+
+/// `rows` entries of `stretch`, of `aggregate` and of `types` when given, in log order.
+pub async fn stretch(
+    pool: &PgPool,
+    stretch: Stretch<'_>,
+    aggregate: Option<Uuid>,
+    types: Option<&[String]>,
+    rows: i64,
+) -> Result<Vec<AuditEntry>, sqlx::Error> {
+    let Stretch { topic, partition, from, until_offset } = stretch;
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM audit_log
+         WHERE topic = $1 AND partition = $2 AND (\"offset\", event_index) >= ($3, $4) AND \"offset\" < $5
+           AND ($6::uuid IS NULL OR aggregate_id = $6) AND ($7::text[] IS NULL OR event_type = ANY($7))
+         ORDER BY \"offset\", event_index
+         LIMIT $8"
+    )))
+    .bind(topic)
+    .bind(partition)
+    .bind(from.0)
+    .bind(from.1)
+    .bind(until_offset)
+    .bind(aggregate)
+    .bind(types)
+    .bind(rows)
+    .fetch_all(pool)
+    .await
 }
 
 #[cfg(test)]

@@ -4,6 +4,13 @@
 use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
+use keel_commands::{
+    auth::AuthService,
+    authz::AuthzService,
+    blog::BlogService,
+    identity::IdentityService,
+    service::{CommandService, ServiceContext},
+};
 use keel_runtime::{Health, Lifecycle, lifecycle::cancel_on_signal, notifications::Notifications, postgres};
 use keel_topics::{TopicNames, Vault, kafka};
 use sqlx::PgPool;
@@ -52,7 +59,7 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
         }
         Command::Audit { command: AuditCommand::Verify } => {
             let pool = postgres::pool(&config.database, "keel-audit", TOOL_CONNECTIONS)?;
-            let verification = keel_projections::audit::verify(&pool).await?;
+            let verification = keel_read_models::audit::verify(&pool).await?;
             match verification.broken {
                 None => {
                     println!("audit log intact: {} entries in {} chains", verification.entries, verification.chains)
@@ -159,6 +166,29 @@ fn listen(
     Ok(notifications)
 }
 
+/// Starts the command service `S` of `role`: its pool, its two listeners, then the service.
+async fn command_service<S: CommandService>(
+    config: &KeelConfig,
+    section: &S::Config,
+    role: Role,
+    lifecycle: &mut Lifecycle,
+) -> anyhow::Result<()> {
+    let pool = database(config, role).await?;
+    let settings = S::settings(section);
+    let grpc_listener = bind(&settings.grpc_listen, &format!("{} gRPC", S::NAME)).await?;
+    let admin_listener = bind(&settings.admin_listen, &format!("{} admin", S::NAME)).await?;
+    let context = ServiceContext {
+        kafka: &config.kafka,
+        registry_url: &config.schema_registry.url,
+        personal_data: &config.personal_data,
+        pool,
+        lifecycle,
+        grpc_listener,
+        admin_listener,
+    };
+    keel_commands::service::start::<S>(section, context).await
+}
+
 async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
@@ -177,77 +207,22 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 lifecycle.serve_http("registry-http", listener, router);
             }
             Role::Identity => {
-                let pool = database(config, Role::Identity).await?;
-                let grpc = bind(&config.identity.grpc_listen, "identity gRPC").await?;
-                let admin = bind(&config.identity.admin_listen, "identity admin").await?;
-                keel_commands::identity::start(
-                    &config.identity,
-                    &config.personal_data,
-                    &config.kafka,
-                    &config.schema_registry.url,
-                    pool,
-                    &mut lifecycle,
-                    grpc,
-                    admin,
-                )
-                .await?;
+                command_service::<IdentityService>(config, &config.identity, Role::Identity, &mut lifecycle).await?
             }
-            Role::Auth => {
-                let pool = database(config, Role::Auth).await?;
-                let grpc = bind(&config.auth.grpc_listen, "auth gRPC").await?;
-                let admin = bind(&config.auth.admin_listen, "auth admin").await?;
-                keel_commands::auth::start(
-                    &config.auth,
-                    &config.personal_data,
-                    &config.kafka,
-                    &config.schema_registry.url,
-                    pool,
-                    &mut lifecycle,
-                    grpc,
-                    admin,
-                )
-                .await?;
-            }
-            Role::Authz => {
-                let pool = database(config, Role::Authz).await?;
-                let grpc = bind(&config.authz.grpc_listen, "authz gRPC").await?;
-                let admin = bind(&config.authz.admin_listen, "authz admin").await?;
-                keel_commands::authz::start(
-                    &config.authz,
-                    &config.kafka,
-                    &config.schema_registry.url,
-                    pool,
-                    &mut lifecycle,
-                    grpc,
-                    admin,
-                )
-                .await?;
-            }
-            Role::Blog => {
-                let pool = database(config, Role::Blog).await?;
-                let grpc = bind(&config.blog.grpc_listen, "blog gRPC").await?;
-                let admin = bind(&config.blog.admin_listen, "blog admin").await?;
-                keel_commands::blog::start(
-                    &config.blog,
-                    &config.kafka,
-                    &config.schema_registry.url,
-                    pool,
-                    &mut lifecycle,
-                    grpc,
-                    admin,
-                )
-                .await?;
-            }
+            Role::Auth => command_service::<AuthService>(config, &config.auth, Role::Auth, &mut lifecycle).await?,
+            Role::Authz => command_service::<AuthzService>(config, &config.authz, Role::Authz, &mut lifecycle).await?,
+            Role::Blog => command_service::<BlogService>(config, &config.blog, Role::Blog, &mut lifecycle).await?,
             Role::Projector => {
                 let pool = database(config, Role::Projector).await?;
                 let admin = bind(&config.projector.admin_listen, "projector admin").await?;
                 let notifications = listen(config, &mut lifecycle, "projector", &[keel_topics::wakeups::CHANNEL])?;
+                let projections = keel_read_models::catalogue(Vault::new(pool.clone(), &config.personal_data)?);
                 let projector = keel_projections::Projector::new(
                     config.projector.clone(),
                     config.kafka.clone(),
                     &config.schema_registry.url,
                     pool,
-                    &config.personal_data,
+                    projections,
                     notifications,
                 )?;
                 keel_projections::start(projector, &mut lifecycle, admin).await?;
@@ -264,7 +239,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 let sources = keel_gateway::Sources {
                     kafka: config.kafka.clone(),
                     registry_url: config.schema_registry.url.clone(),
-                    projections: keel_projections::catalogue(Vault::new(pool.clone(), &config.personal_data)?),
+                    projections: keel_read_models::catalogue(Vault::new(pool.clone(), &config.personal_data)?),
                     notifications: listen(config, &mut lifecycle, "gateway", &channels)?,
                 };
                 keel_gateway::start(&config.gateway, sources, pool, &mut lifecycle, listener).await?;

@@ -1,4 +1,4 @@
-//! The gateway's clients of the command services, each over every configured instance.
+//! A client of one command service over every instance it knows.
 //!
 //! Any instance accepts any call and forwards it to the owner of the aggregate's partition.
 //! While ownership moves (an instance stops, a partition is reassigned) an instance answers
@@ -9,6 +9,7 @@
 //! Every other answer, success or refusal, is final and returned at once.
 
 use std::{
+    fmt,
     future::Future,
     sync::{
         Arc,
@@ -22,7 +23,6 @@ use keel_topics::Topic;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::owners::Owners;
 use tonic::{
     Code, Status,
     transport::{Channel, Endpoint},
@@ -50,8 +50,17 @@ pub struct ServiceEndpoint {
 /// is down does not cost every other call a failed attempt and a pause.
 const TRY_LAST_FOR: Duration = Duration::from_secs(2);
 
+/// Where each partition's writer is: a call about one aggregate goes there first, so it is
+/// decided without a forwarding hop. A hint only: a wrong answer costs a hop, never a wrong
+/// outcome.
+pub trait Placement: Send + Sync {
+    /// The endpoint (as configured) of the instance that writes `aggregate`'s partition of
+    /// `topic`, if known.
+    fn endpoint_of(&self, topic: Topic, aggregate: Uuid) -> Option<String>;
+}
+
 /// A cheap-to-clone client of one service that fails over between its instances.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServiceClient {
     /// The service's name, in logs, metrics and readiness.
     pub service: &'static str,
@@ -63,7 +72,19 @@ pub struct ServiceClient {
     /// The clock of `broken_at`.
     epoch: Instant,
     /// Where each partition's writer is, for calls about one aggregate.
-    owners: Option<Owners>,
+    placement: Option<Arc<dyn Placement>>,
+}
+
+impl fmt::Debug for ServiceClient {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("ServiceClient")
+            .field("service", &self.service)
+            .field("endpoints", &self.endpoints)
+            .field("budget", &self.budget)
+            .field("placed", &self.placement.is_some())
+            .finish()
+    }
 }
 
 impl ServiceClient {
@@ -91,13 +112,13 @@ impl ServiceClient {
             next: Arc::new(AtomicUsize::new(0)),
             budget,
             epoch: Instant::now(),
-            owners: None,
+            placement: None,
         })
     }
 
     /// Sends calls about one aggregate ([`Self::send_to`]) to its partition's writer first.
-    pub fn with_owners(mut self, owners: Owners) -> Self {
-        self.owners = Some(owners);
+    pub fn with_placement(mut self, placement: Arc<dyn Placement>) -> Self {
+        self.placement = Some(placement);
         self
     }
 
@@ -107,22 +128,7 @@ impl ServiceClient {
     }
 
     /// Sends `request` with `call` (which makes the typed client from a channel), failing over
-    /// between instances.
-    pub async fn send<Req, Call, Reply, Answer>(
-        &self,
-        rpc: &'static str,
-        request: Req,
-        call: Call,
-    ) -> Result<Answer, Status>
-    where
-        Req: Clone,
-        Call: Fn(Channel, tonic::Request<Req>) -> Reply,
-        Reply: Future<Output = Result<tonic::Response<Answer>, Status>>,
-    {
-        self.send_to(rpc, None, request, call).await
-    }
-
-    /// [`Self::send`] for a call about the aggregate `route` names: it goes to the writer of the
+    /// between instances. A call about the aggregate `route` names goes to the writer of the
     /// aggregate's partition first, so it is decided there without a forwarding hop.
     pub async fn send_to<Req, Call, Reply, Answer>(
         &self,
@@ -136,10 +142,10 @@ impl ServiceClient {
         Call: Fn(Channel, tonic::Request<Req>) -> Reply,
         Reply: Future<Output = Result<tonic::Response<Answer>, Status>>,
     {
-        let owner = route.and_then(|(topic, aggregate)| self.owners.as_ref()?.of(topic, aggregate));
+        let owner = route.and_then(|(topic, aggregate)| self.placement.as_ref()?.endpoint_of(topic, aggregate));
         let start = match owner.and_then(|owner| self.endpoints.iter().position(|endpoint| endpoint.url == owner)) {
             Some(index) => {
-                metrics::counter!("keel_gateway_routed_calls_total", "service" => self.service).increment(1);
+                metrics::counter!("keel_client_routed_calls_total", "service" => self.service).increment(1);
                 index
             }
             None => self.start(),
@@ -160,7 +166,8 @@ impl ServiceClient {
                 outcome
             }
         };
-        with_failover(rpc, &self.endpoints, start, self.budget, |endpoint| endpoint.url.as_str(), attempt).await
+        with_failover(self.service, rpc, &self.endpoints, start, self.budget, |endpoint| endpoint.url.as_str(), attempt)
+            .await
     }
 }
 
@@ -170,6 +177,7 @@ impl ServiceClient {
 /// Out of budget while an attempt is in flight, the answer is DEADLINE_EXCEEDED; out of budget
 /// between attempts, UNAVAILABLE (the outcome is unknown, whatever the last failure was).
 async fn with_failover<Target, Reply, Attempt, Outcome>(
+    service: &'static str,
     rpc: &'static str,
     targets: &[Target],
     start: usize,
@@ -190,7 +198,7 @@ where
             Ok(Ok(reply)) => return Ok(reply),
             Ok(Err(status)) => status,
             Err(_) => {
-                tracing::warn!(rpc, endpoint = name(target), budget_ms = budget.as_millis(), "call timed out");
+                tracing::warn!(service, rpc, endpoint = name(target), budget_ms = budget.as_millis(), "call timed out");
                 return Err(Status::deadline_exceeded("the service did not answer in time"));
             }
         };
@@ -199,11 +207,12 @@ where
         }
         // A retry that could not even start before the deadline only delays the answer.
         if deadline.saturating_duration_since(Instant::now()) <= backoff {
-            tracing::warn!(rpc, endpoint = name(target), code = ?status.code(), message = status.message(), "call failed and its budget is spent");
+            tracing::warn!(service, rpc, endpoint = name(target), code = ?status.code(), message = status.message(), "call failed and its budget is spent");
             // Whatever the last failure was, the outcome is unknown and a retry is safe.
             return Err(Status::unavailable("the service is unavailable; retry with the same command id"));
         }
         tracing::info!(
+            service,
             rpc,
             endpoint = name(target),
             code = ?status.code(),
@@ -211,8 +220,13 @@ where
             backoff_ms = backoff.as_millis(),
             "call failed, retrying on the next endpoint"
         );
-        metrics::counter!("keel_gateway_command_retries_total", "rpc" => rpc, "code" => code_label(status.code()))
-            .increment(1);
+        metrics::counter!(
+            "keel_client_retries_total",
+            "service" => service,
+            "rpc" => rpc,
+            "code" => code_label(status.code())
+        )
+        .increment(1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -302,6 +316,7 @@ mod tests {
         async fn run(&self, targets: usize, start: usize, budget: Duration) -> Result<&'static str, Code> {
             let targets: Vec<usize> = (0..targets).collect();
             with_failover(
+                "test",
                 "Test",
                 &targets,
                 start,

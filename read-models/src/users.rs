@@ -8,13 +8,12 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use keel_domain::identity::UserEvent;
 use keel_topics::{Opened, Topic, Vault, identity};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::{
-    Commit, Projection, TableSpec, Tables,
-    status_notice::{self, Subject},
-};
+use keel_projections::{Commit, Projection, TableSpec, Tables};
+
+use crate::status_notice::{self, Subject};
 
 pub struct UsersProjection {
     vault: Vault,
@@ -312,6 +311,44 @@ async fn erase(
         .await
         .context("failed to erase users")?;
     Ok(())
+}
+
+// --- Queries -------------------------------------------------------------------------------------
+
+/// A user as the read model shows them.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct User {
+    pub id: Uuid,
+    /// `None` once the user's personal data is erased.
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    pub bio: String,
+    /// `active`, `deactivated` or `erased`.
+    pub status: String,
+    pub version: i64,
+}
+
+/// The user `id`.
+pub async fn user(pool: &PgPool, id: Uuid) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query_as("SELECT id, email, display_name, bio, status, version FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The status of the user `id` (`active`, `deactivated`, `erased`), if the read model has them.
+pub async fn status(pool: &PgPool, id: Uuid) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT status FROM users WHERE id = $1").bind(id).fetch_optional(pool).await
+}
+
+/// The active user holding `email` (normalized: trimmed, lower case), if any; the most recently
+/// changed one should the read model briefly show two (it mirrors the log, and uniqueness is the
+/// identity service's).
+pub async fn active_with_email(pool: &PgPool, email: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM users WHERE email = $1 AND status = 'active' ORDER BY updated_at DESC LIMIT 1")
+        .bind(email)
+        .fetch_optional(pool)
+        .await
 }
 
 #[cfg(test)]

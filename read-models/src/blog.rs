@@ -1,11 +1,13 @@
 //! The `blog` read model: posts and their comments, as the gateway's query routes serve them.
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use keel_domain::blog::{CommentEvent, PostEvent};
 use keel_topics::{Topic, blog};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
 
-use crate::{Commit, Projection, TableSpec, Tables};
+use keel_projections::{Commit, Projection, TableSpec, Tables};
 
 pub struct BlogProjection;
 
@@ -148,4 +150,119 @@ impl Projection for BlogProjection {
         }
         Ok(())
     }
+}
+
+// --- Queries -------------------------------------------------------------------------------------
+
+/// A post, with its author's display name (`None` once the author's personal data is erased).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Post {
+    pub id: Uuid,
+    pub author_id: Uuid,
+    pub author_name: Option<String>,
+    pub title: String,
+    pub body: String,
+    pub tags: Vec<String>,
+    /// `draft`, `published` or `deleted`.
+    pub status: String,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+/// A comment, with its author's display name.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Comment {
+    pub id: Uuid,
+    pub post_id: Uuid,
+    pub author_id: Uuid,
+    pub author_name: Option<String>,
+    pub body: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Where a keyset page goes on from: the sort time and id of the last row of the page before.
+pub type After = Option<(DateTime<Utc>, Uuid)>;
+
+const POST_COLUMNS: &str = "p.id, p.author_id, u.display_name AS author_name, p.title, p.body, p.tags, p.status,
+                            p.version, p.created_at, p.updated_at, p.published_at";
+
+/// Published posts, newest first, by `author` and with `tag` when given: `rows` of them after
+/// `after`. Each filter and the cursor is a bound parameter; the page is a range of the
+/// `posts_published` index.
+pub async fn published(
+    pool: &PgPool,
+    author: Option<Uuid>,
+    tag: Option<&str>,
+    after: After,
+    rows: i64,
+) -> Result<Vec<Post>, sqlx::Error> {
+    let mut sql = QueryBuilder::<Postgres>::new(format!(
+        "SELECT {POST_COLUMNS} FROM posts p LEFT JOIN users u ON u.id = p.author_id WHERE p.status = 'published'"
+    ));
+    if let Some(author) = author {
+        sql.push(" AND p.author_id = ").push_bind(author);
+    }
+    if let Some(tag) = tag {
+        sql.push(" AND p.tags @> ARRAY[").push_bind(tag.to_lowercase()).push("]::text[]");
+    }
+    if let Some((at, id)) = after {
+        sql.push(" AND (p.published_at, p.id) < (").push_bind(at).push(", ").push_bind(id).push(")");
+    }
+    sql.push(" ORDER BY p.published_at DESC, p.id DESC LIMIT ").push_bind(rows);
+    sql.build_query_as().fetch_all(pool).await
+}
+
+/// The post `id`, whatever its status.
+pub async fn post(pool: &PgPool, id: Uuid) -> Result<Option<Post>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {POST_COLUMNS} FROM posts p LEFT JOIN users u ON u.id = p.author_id WHERE p.id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// `author`'s drafts, last changed first: `rows` of them after `after`.
+pub async fn drafts_of(pool: &PgPool, author: Uuid, after: After, rows: i64) -> Result<Vec<Post>, sqlx::Error> {
+    let mut sql = QueryBuilder::<Postgres>::new(format!(
+        "SELECT {POST_COLUMNS} FROM posts p LEFT JOIN users u ON u.id = p.author_id
+         WHERE p.status = 'draft' AND p.author_id = "
+    ));
+    sql.push_bind(author);
+    if let Some((at, id)) = after {
+        sql.push(" AND (p.updated_at, p.id) < (").push_bind(at).push(", ").push_bind(id).push(")");
+    }
+    sql.push(" ORDER BY p.updated_at DESC, p.id DESC LIMIT ").push_bind(rows);
+    sql.build_query_as().fetch_all(pool).await
+}
+
+/// Whether the post `id` is published; `None` when there is no such post.
+pub async fn is_published(pool: &PgPool, id: Uuid) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar("SELECT status = 'published' FROM posts WHERE id = $1").bind(id).fetch_optional(pool).await
+}
+
+/// The comments of `post` not deleted, oldest first: `rows` of them after `after`.
+pub async fn comments_of(pool: &PgPool, post: Uuid, after: After, rows: i64) -> Result<Vec<Comment>, sqlx::Error> {
+    let mut sql = QueryBuilder::<Postgres>::new(
+        "SELECT c.id, c.post_id, c.author_id, u.display_name AS author_name, c.body, c.created_at
+         FROM comments c LEFT JOIN users u ON u.id = c.author_id WHERE c.deleted_at IS NULL AND c.post_id = ",
+    );
+    sql.push_bind(post);
+    if let Some((at, id)) = after {
+        sql.push(" AND (c.created_at, c.id) > (").push_bind(at).push(", ").push_bind(id).push(")");
+    }
+    sql.push(" ORDER BY c.created_at, c.id LIMIT ").push_bind(rows);
+    sql.build_query_as().fetch_all(pool).await
+}
+
+/// The author of the post `id`, if there is one.
+pub async fn post_author(pool: &PgPool, id: Uuid) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT author_id FROM posts WHERE id = $1").bind(id).fetch_optional(pool).await
+}
+
+/// The author of the comment `id`, if there is one.
+pub async fn comment_author(pool: &PgPool, id: Uuid) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT author_id FROM comments WHERE id = $1").bind(id).fetch_optional(pool).await
 }

@@ -4,9 +4,10 @@
 use anyhow::Context;
 use keel_domain::authz::{Grant, RoleEvent, UserRolesEvent};
 use keel_topics::{Topic, authz};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
-use crate::{Commit, Projection, TableSpec, Tables};
+use keel_projections::{Commit, Projection, TableSpec, Tables};
 
 pub struct AuthzProjection;
 
@@ -119,4 +120,41 @@ impl Projection for AuthzProjection {
         }
         Ok(())
     }
+}
+
+// --- Queries -------------------------------------------------------------------------------------
+
+/// A role as the read model shows it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct Role {
+    pub id: Uuid,
+    pub name: String,
+    pub permissions: Vec<String>,
+    pub version: i64,
+}
+
+/// Every role, by name.
+pub async fn roles(pool: &PgPool) -> Result<Vec<Role>, sqlx::Error> {
+    sqlx::query_as("SELECT id, name, permissions, version FROM authz_roles ORDER BY name").fetch_all(pool).await
+}
+
+/// The roles granted to `user`, by name.
+pub async fn roles_of(pool: &PgPool, user: Uuid) -> Result<Vec<Role>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.id, r.name, r.permissions, r.version FROM authz_user_roles g
+         JOIN authz_roles r ON r.id = g.role_id WHERE g.user_id = $1 ORDER BY r.name",
+    )
+    .bind(user)
+    .fetch_all(pool)
+    .await
+}
+
+/// The permissions `user` holds through roles, as stored (one list per role).
+pub async fn permissions_of(pool: &PgPool, user: Uuid) -> Result<Vec<Vec<String>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT r.permissions FROM authz_user_roles g JOIN authz_roles r ON r.id = g.role_id WHERE g.user_id = $1",
+    )
+    .bind(user)
+    .fetch_all(pool)
+    .await
 }

@@ -1,0 +1,287 @@
+//! The identity service's processes, each of two services (see [`crate::process`]):
+//!
+//! - **registration**: auth stores the password (a hash auth made first, storing nothing), then
+//!   the user is registered here. Interrupted, it is completed: the owner of the user's partition
+//!   stores the password again (the same step command: its first result) and registers the user.
+//!   Should a step be refused (the email was taken over meanwhile), it is undone: the password is
+//!   removed and the email's reservation released. A password without its user is never used
+//!   (logins find users by their email in the users read model), so no moment of the process
+//!   lets anyone in who should not be.
+//! - **erasure**: the user's personal data is erased here, then auth removes the password.
+//!   Interrupted, it is completed the same way.
+//!
+//! The instance that ran the command finishes the process at once; one that died between the
+//! steps leaves it to the owner of the user's partition, which runs it again once the command's
+//! deadline has passed (`2 × identity.command_timeout_ms`).
+
+use std::{sync::Arc, time::Duration};
+
+use keel_domain::identity::{DisplayName, Email, RegisterUser, UserCommand, UserId};
+use keel_proto::{
+    auth::v1::{HashPasswordRequest, RemovePasswordRequest, SetPasswordRequest},
+    common::v1::CommandReply,
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::grpc::IdentityGrpc;
+use crate::{
+    CommandMeta,
+    engine::{Command, Location},
+    grpc::{execute, is_answer, metadata, reply},
+    process::{ProcessError, Sealing},
+};
+
+const REGISTRATION: &str = "registration";
+const ERASURE: &str = "erasure";
+
+/// What a registration's steps need. Sealed with the user's data key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Registration {
+    meta: CommandMeta,
+    user_id: UserId,
+    email: String,
+    display_name: String,
+    password_hash: String,
+}
+
+/// What an erasure's steps need.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Erasure {
+    meta: CommandMeta,
+    user_id: UserId,
+    expected_version: Option<u64>,
+}
+
+/// How often the owner of a partition looks for its interrupted processes.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
+/// Most interrupted processes of a kind run again in one round.
+const RECOVERY_BATCH: i64 = 100;
+
+fn process_failed(error: ProcessError) -> Status {
+    tracing::error!(%error, "the process store failed");
+    Status::unavailable("cannot record the command's progress now; retry with the same command id")
+}
+
+impl IdentityGrpc {
+    /// Registers `id` (the caller found that this instance owns its partition): reserves the
+    /// email, has auth hash the password, records the process, and runs its steps.
+    pub(super) async fn register_here(
+        &self,
+        id: UserId,
+        email: Email,
+        display_name: DisplayName,
+        password: String,
+        meta: CommandMeta,
+    ) -> Result<CommandReply, Status> {
+        self.reserve(&email, id).await?;
+        let request = HashPasswordRequest { email: email.as_str().to_owned(), password };
+        let hash = self.auth.hash_password(request).await?;
+        let registration = Registration {
+            meta: meta.clone(),
+            user_id: id,
+            email: email.as_str().to_owned(),
+            display_name: display_name.as_str().to_owned(),
+            password_hash: hash.phc,
+        };
+        self.processes
+            .begin(REGISTRATION, meta.command_id, id.as_uuid(), &registration, Sealing::Sealed)
+            .await
+            .map_err(process_failed)?;
+        self.register(&registration).await
+    }
+
+    /// Runs a registration's steps and settles it: forgotten once complete or undone, kept for
+    /// another run when its outcome is unknown.
+    async fn register(&self, registration: &Registration) -> Result<CommandReply, Status> {
+        let outcome = self.registration_steps(registration).await;
+        let id = registration.meta.command_id;
+        match &outcome {
+            Ok(_) => self.finish(id).await,
+            Err(status) if is_answer(status) => {
+                tracing::info!(process = %id, code = ?status.code(), "a registration was refused; undoing it");
+                if self.undo_registration(registration).await {
+                    self.finish(id).await;
+                }
+            }
+            Err(status) => self.failed(id, status).await,
+        }
+        outcome
+    }
+
+    async fn registration_steps(&self, registration: &Registration) -> Result<CommandReply, Status> {
+        let Registration { meta, user_id, email, display_name, password_hash } = registration;
+        let email = Email::parse(email).map_err(|error| Status::internal(error.to_string()))?;
+        let display_name = DisplayName::parse(display_name).map_err(|error| Status::internal(error.to_string()))?;
+        // The address may have been taken over while the process was interrupted.
+        self.reserve(&email, *user_id).await?;
+        let set = SetPasswordRequest {
+            metadata: Some(metadata(&meta.step("SetPassword"))),
+            user_id: user_id.to_string(),
+            password_hash: password_hash.clone(),
+        };
+        self.auth.set_password(set).await?;
+        self.between_steps(REGISTRATION).await;
+        let register = UserCommand::Register(RegisterUser { id: *user_id, email, display_name });
+        execute(&self.users, Command::new(user_id.as_uuid(), meta.clone(), "RegisterUser", register)).await
+    }
+
+    /// Takes back what a refused registration did: its password and its email's reservation.
+    /// Whether it is undone (else it is tried again later).
+    async fn undo_registration(&self, registration: &Registration) -> bool {
+        let remove = RemovePasswordRequest {
+            metadata: Some(metadata(&registration.meta.step("UndoRegistration"))),
+            user_id: registration.user_id.to_string(),
+        };
+        if let Err(status) = self.auth.remove_password(remove).await {
+            tracing::warn!(code = ?status.code(), message = status.message(), "failed to undo a registration; retrying later");
+            return false;
+        }
+        if let Ok(email) = Email::parse(&registration.email)
+            && let Err(error) = self.claims.release(&email, registration.user_id).await
+        {
+            tracing::warn!(%error, "failed to release a refused registration's reservation; a takeover will");
+        }
+        metrics::counter!("keel_processes_undone_total", "kind" => REGISTRATION, "service" => "identity").increment(1);
+        true
+    }
+
+    /// Erases `id`'s personal data (the caller found that this instance owns its partition),
+    /// then has auth remove their password.
+    pub(super) async fn erase_here(
+        &self,
+        id: UserId,
+        expected_version: Option<u64>,
+        meta: CommandMeta,
+    ) -> Result<CommandReply, Status> {
+        let erasure = Erasure { meta: meta.clone(), user_id: id, expected_version };
+        self.processes
+            .begin(ERASURE, meta.command_id, id.as_uuid(), &erasure, Sealing::Plain)
+            .await
+            .map_err(process_failed)?;
+        self.erase(&erasure).await
+    }
+
+    async fn erase(&self, erasure: &Erasure) -> Result<CommandReply, Status> {
+        let outcome = self.erasure_steps(erasure).await;
+        let id = erasure.meta.command_id;
+        match &outcome {
+            // Refused (a stale If-Match, an unknown user): nothing happened.
+            Ok(_) => self.finish(id).await,
+            Err(status) if is_answer(status) => self.finish(id).await,
+            Err(status) => self.failed(id, status).await,
+        }
+        outcome
+    }
+
+    async fn erasure_steps(&self, erasure: &Erasure) -> Result<CommandReply, Status> {
+        let Erasure { meta, user_id, expected_version } = erasure;
+        let erase = Command::new(user_id.as_uuid(), meta.clone(), "ErasePersonalData", UserCommand::ErasePersonalData);
+        let outcome = self.users.run(erase.expecting(*expected_version)).await?;
+        // The erasure is in the log: the key and the reservations go now (and the users
+        // projection shreds the key again when it applies the erasure, should this fail).
+        if let Err(error) = self.users.model().vault().shred(user_id.as_uuid()).await {
+            tracing::warn!(user = %user_id, %error, "failed to shred a key; the users projection will");
+        }
+        if let Err(error) = self.claims.release_all(*user_id).await {
+            tracing::warn!(user = %user_id, %error, "failed to release an erased user's email reservations");
+        }
+        self.between_steps(ERASURE).await;
+        let remove = RemovePasswordRequest {
+            metadata: Some(metadata(&meta.step("RemovePassword"))),
+            user_id: user_id.to_string(),
+        };
+        self.auth.remove_password(remove).await?;
+        Ok(reply(&outcome.accepted))
+    }
+
+    async fn finish(&self, id: uuid::Uuid) {
+        // Failing here leaves a complete process to be run again: its steps answer with their
+        // first results.
+        if let Err(error) = self.processes.finish(id).await {
+            tracing::warn!(process = %id, %error, "failed to forget a complete process; it will run again");
+        }
+    }
+
+    async fn failed(&self, id: uuid::Uuid, status: &Status) {
+        if let Err(error) = self.processes.failed(id, status.message()).await {
+            tracing::warn!(process = %id, %error, "failed to record a process's failure");
+        }
+    }
+
+    /// Test-only ([`IdentityGrpc::pause_between_steps`]): the process stops here for good, so a
+    /// test can kill the instance between the steps.
+    async fn between_steps(&self, kind: &'static str) {
+        if self.pause_between_steps {
+            tracing::warn!(kind, "pausing a process between its steps (identity.unsafe_pause_between_steps)");
+            metrics::gauge!("keel_processes_paused", "kind" => kind).set(1.0);
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Runs again, until shutdown, the interrupted processes of the users whose partitions this
+    /// instance owns.
+    pub(super) async fn recover(self: Arc<Self>, grace: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(RECOVERY_INTERVAL) => {}
+            }
+            for kind in [REGISTRATION, ERASURE] {
+                if let Err(error) = self.recover_kind(kind, grace).await {
+                    tracing::warn!(kind, %error, "failed to look for interrupted processes; retrying");
+                }
+            }
+        }
+    }
+
+    /// Claims the process `id` of `kind` for `lease` and runs its steps; `None` when another
+    /// instance holds it or it is gone.
+    async fn run_again(
+        &self,
+        kind: &'static str,
+        id: uuid::Uuid,
+        lease: Duration,
+    ) -> Result<Option<Result<(), Status>>, ProcessError> {
+        Ok(match kind {
+            REGISTRATION => match self.processes.claim::<Registration>(kind, id, lease).await? {
+                Some(registration) => Some(self.register(&registration).await.map(drop)),
+                None => None,
+            },
+            _ => match self.processes.claim::<Erasure>(kind, id, lease).await? {
+                Some(erasure) => Some(self.erase(&erasure).await.map(drop)),
+                None => None,
+            },
+        })
+    }
+
+    async fn recover_kind(&self, kind: &'static str, grace: Duration) -> Result<(), ProcessError> {
+        for due in self.processes.due(kind, grace, RECOVERY_BATCH).await? {
+            // Its owner runs it: the users engine decides there, without a hop.
+            if !matches!(self.users.locate(due.aggregate_id).await, Location::Here) {
+                continue;
+            }
+            let outcome = match self.run_again(kind, due.id, grace).await {
+                Ok(Some(outcome)) => outcome,
+                // Another instance runs it, or it completed meanwhile.
+                Ok(None) => continue,
+                Err(error) => {
+                    // Unreadable: it stays, visible, and counts its attempts.
+                    tracing::error!(kind, process = %due.id, %error, "cannot run an interrupted process");
+                    self.processes.failed(due.id, &error.to_string()).await?;
+                    continue;
+                }
+            };
+            let label = match &outcome {
+                Ok(()) => "completed",
+                Err(status) if is_answer(status) => "refused",
+                Err(_) => "failed",
+            };
+            tracing::info!(kind, process = %due.id, attempts = due.attempts, outcome = label, "ran an interrupted process again");
+            metrics::counter!("keel_processes_recovered_total", "kind" => kind, "outcome" => label, "service" => "identity")
+                .increment(1);
+        }
+        Ok(())
+    }
+}
