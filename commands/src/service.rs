@@ -68,9 +68,8 @@ macro_rules! command_service_config {
             }
         }
 
-        impl $name {
-            /// The settings every command service has.
-            pub fn service(&self) -> $crate::service::ServiceSettings {
+        impl $crate::service::ServiceSection for $name {
+            fn service(&self) -> $crate::service::ServiceSettings {
                 $crate::service::ServiceSettings {
                     grpc_listen: self.grpc_listen.clone(),
                     advertised_endpoint: self.advertised_endpoint.clone(),
@@ -85,6 +84,12 @@ macro_rules! command_service_config {
             }
         }
     };
+}
+
+/// A command service's configuration section (made by [`command_service_config!`]).
+pub trait ServiceSection: Sync {
+    /// The settings every command service has.
+    fn service(&self) -> ServiceSettings;
 }
 
 /// The settings every command service has (see [`command_service_config!`]).
@@ -161,10 +166,7 @@ pub trait CommandService {
     /// The service's name (configuration section, metrics, logs).
     const NAME: &'static str;
     /// Its configuration section (see [`command_service_config!`]).
-    type Config: Sync;
-
-    /// The settings every command service has, from the section.
-    fn settings(config: &Self::Config) -> ServiceSettings;
+    type Config: ServiceSection;
 
     /// Starts the service's engines ([`ServiceBuilder::engine`]) and background tasks, and
     /// returns its gRPC routes.
@@ -176,7 +178,7 @@ pub trait CommandService {
 
 /// Starts the command service `S` from its section and what the composition root opened.
 pub async fn start<S: CommandService>(config: &S::Config, context: ServiceContext<'_>) -> anyhow::Result<()> {
-    let mut service = ServiceBuilder::new(S::NAME, S::settings(config), context)?;
+    let mut service = ServiceBuilder::new(S::NAME, config.service(), context)?;
     let routes = S::build(config, &mut service).await?;
     service.serve(routes);
     Ok(())

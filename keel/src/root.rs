@@ -9,7 +9,7 @@ use keel_commands::{
     authz::AuthzService,
     blog::BlogService,
     identity::IdentityService,
-    service::{CommandService, ServiceContext},
+    service::{CommandService, ServiceContext, ServiceSection},
 };
 use keel_runtime::{Health, Lifecycle, lifecycle::cancel_on_signal, notifications::Notifications, postgres};
 use keel_topics::{TopicNames, Vault, kafka};
@@ -174,7 +174,7 @@ async fn command_service<S: CommandService>(
     lifecycle: &mut Lifecycle,
 ) -> anyhow::Result<()> {
     let pool = database(config, role).await?;
-    let settings = S::settings(section);
+    let settings = section.service();
     let grpc_listener = bind(&settings.grpc_listen, &format!("{} gRPC", S::NAME)).await?;
     let admin_listener = bind(&settings.admin_listen, &format!("{} admin", S::NAME)).await?;
     let context = ServiceContext {

@@ -18,7 +18,7 @@ pub use keys::{KeySettings, SigningKeys};
 pub use model::{CredentialStore, Sessions};
 pub use passwords::Argon2Config;
 
-use crate::service::{CommandService, ServiceBuilder, ServiceSettings};
+use crate::service::{CommandService, ServiceBuilder, ServiceSection};
 
 /// For development only; the role says so at start.
 const DEVELOPMENT_KEY_ENCRYPTION_KEY: &str = "a2VlbC1kZXZlbG9wbWVudC1zaWduaW5nLWtleS0wMDE=";
@@ -87,10 +87,6 @@ pub struct AuthService;
 impl CommandService for AuthService {
     const NAME: &'static str = "auth";
     type Config = AuthConfig;
-
-    fn settings(config: &AuthConfig) -> ServiceSettings {
-        config.service()
-    }
 
     async fn build(config: &AuthConfig, service: &mut ServiceBuilder<'_>) -> anyhow::Result<Routes> {
         if config.key_encryption_key.is_none() {

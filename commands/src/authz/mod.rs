@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 pub use model::{Grants, Roles};
 
-use crate::service::{CommandService, ServiceBuilder, ServiceSettings};
+use crate::service::{CommandService, ServiceBuilder, ServiceSection};
 
 /// What every active user may do without any role.
 fn default_permissions() -> Vec<String> {
@@ -82,10 +82,6 @@ pub struct AuthzService;
 impl CommandService for AuthzService {
     const NAME: &'static str = "authz";
     type Config = AuthzConfig;
-
-    fn settings(config: &AuthzConfig) -> ServiceSettings {
-        config.service()
-    }
 
     async fn build(config: &AuthzConfig, service: &mut ServiceBuilder<'_>) -> anyhow::Result<Routes> {
         let roles = service.engine(Roles).await?;

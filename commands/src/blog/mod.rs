@@ -8,7 +8,7 @@ use tonic::service::Routes;
 
 pub use model::{Comments, Posts};
 
-use crate::service::{CommandService, ServiceBuilder, ServiceSettings};
+use crate::service::{CommandService, ServiceBuilder, ServiceSection};
 
 crate::command_service_config! {
     /// The `blog` section of the configuration.
@@ -28,10 +28,6 @@ pub struct BlogService;
 impl CommandService for BlogService {
     const NAME: &'static str = "blog";
     type Config = BlogConfig;
-
-    fn settings(config: &BlogConfig) -> ServiceSettings {
-        config.service()
-    }
 
     async fn build(_config: &BlogConfig, service: &mut ServiceBuilder<'_>) -> anyhow::Result<Routes> {
         let posts = service.engine(Posts).await?;

@@ -18,7 +18,7 @@ pub use model::Users;
 
 use crate::{
     process::Processes,
-    service::{CommandService, ServiceBuilder, ServiceSettings},
+    service::{CommandService, ServiceBuilder, ServiceSection},
 };
 
 /// For development only.
@@ -76,10 +76,6 @@ pub struct IdentityService;
 impl CommandService for IdentityService {
     const NAME: &'static str = "identity";
     type Config = IdentityConfig;
-
-    fn settings(config: &IdentityConfig) -> ServiceSettings {
-        config.service()
-    }
 
     async fn build(config: &IdentityConfig, service: &mut ServiceBuilder<'_>) -> anyhow::Result<Routes> {
         let email_key = match &config.email_key {

@@ -55,7 +55,7 @@ struct Erasure {
 }
 
 /// How often the owner of a partition looks for its interrupted processes.
-const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(5);
 /// Most interrupted processes of a kind run again in one round.
 const RECOVERY_BATCH: i64 = 100;
 
