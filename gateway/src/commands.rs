@@ -58,7 +58,11 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandRequest {
         let path: Vec<(String, String)> =
             params.iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect();
         // The command's target: the path's parameters (ids in their canonical form).
-        let target = path.iter().map(|(_, value)| canonical(value)).collect::<Vec<_>>().join("/");
+        let target = path
+            .iter()
+            .map(|(name, value)| if name == "id" { canonical(value) } else { value.clone() })
+            .collect::<Vec<_>>()
+            .join("/");
         let actor = caller.actor();
         let scope = CommandScope { method: parts.method.as_str(), route: &route, aggregate: &target, actor: &actor };
         let command_id = idempotency::command_id(&parts.headers, scope)?;
@@ -92,8 +96,8 @@ impl CommandRequest {
     }
 }
 
-/// A UUID in its canonical form (so that `ABC…` and `abc…` are one target), anything else as
-/// it is.
+/// An id in its canonical form (so that `ABC…` and `abc…` are one target); anything that is no
+/// UUID as it is (the handler refuses it).
 fn canonical(value: &str) -> String {
     Uuid::parse_str(value).map_or_else(|_| value.to_owned(), |id| id.to_string())
 }

@@ -115,6 +115,28 @@ async fn a_registration_killed_between_its_steps_is_completed_by_the_owner_of_th
     assert_eq!(platform.broker.record_count("identity.users"), 1, "the retry appended nothing");
     assert_eq!(processes_stored(&platform, "registration").await, 0);
     assert_eq!(login_status(&client, &gateway, email).await, StatusCode::OK);
+
+    // Later, Ada moves to another address and someone else takes her old one. A retry of her
+    // registration now still gets its first result, and undoes nothing of a user who exists.
+    let ada = platform.login(&client, email, None).await;
+    let moved = client
+        .put(format!("{gateway}/v1/users/{}/email", ada.id))
+        .bearer_auth(&ada.access_token)
+        .json(&json!({"email": "ada@lovelace.org"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(moved.status(), StatusCode::OK);
+    platform.signup(&client, email, "Someone else").await;
+    let late = register().await.unwrap();
+    assert_eq!(late.status(), StatusCode::CREATED);
+    assert_eq!(late.headers()["idempotent-replayed"], "true");
+    assert_eq!(processes_stored(&platform, "registration").await, 0);
+    eventually(Duration::from_secs(30), "Ada's login at her new address", || async {
+        (login_status(&client, &gateway, "ada@lovelace.org").await == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert_eq!(login_status(&client, &gateway, email).await, StatusCode::OK, "the other user keeps the old address");
 }
 
 #[tokio::test(flavor = "multi_thread")]

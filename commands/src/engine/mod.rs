@@ -378,6 +378,11 @@ impl<M: Model> Engine<M> {
         }
     }
 
+    /// The partitions this instance owns and serves now.
+    pub fn owned_partitions(&self) -> Vec<i32> {
+        self.writers.read().unwrap_or_else(std::sync::PoisonError::into_inner).keys().copied().collect()
+    }
+
     fn writer(&self, partition: i32) -> Option<mpsc::Sender<Request<M>>> {
         self.writers.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&partition).cloned()
     }

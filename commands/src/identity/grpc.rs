@@ -40,6 +40,8 @@ pub struct IdentityGrpc {
     pub(super) auth: Auth,
     /// Registrations and erasures under way.
     pub(super) processes: Processes,
+    /// How long a run holds a process: past the command's deadline.
+    pub(super) process_lease: Duration,
     /// Test-only: a process stops between its steps (to be killed there).
     pub(super) pause_between_steps: bool,
 }

@@ -96,11 +96,12 @@ impl CommandService for IdentityService {
             takeover_after: Duration::from_secs(config.claim_takeover_secs),
             auth: Auth::new(ServiceClient::new("auth", &config.auth_endpoints, timeout)?),
             processes: Processes::new(service.pool().clone(), service.vault()?),
+            // Past the command's deadline: a process still claimed then was interrupted.
+            process_lease: 2 * timeout,
             pause_between_steps: config.unsafe_pause_between_steps,
         });
-        // A process left after its command's deadline was interrupted: its owner runs it again.
         let token = service.lifecycle().token();
-        service.lifecycle().spawn("identity processes", grpc.clone().recover(2 * timeout, token));
+        service.lifecycle().spawn("identity processes", grpc.clone().recover(token));
         Ok(Routes::new(IdentityCommandsServer::from_arc(grpc)))
     }
 }

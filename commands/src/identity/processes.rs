@@ -10,13 +10,13 @@
 //! - **erasure**: the user's personal data is erased here, then auth removes the password.
 //!   Interrupted, it is completed the same way.
 //!
-//! The instance that ran the command finishes the process at once; one that died between the
-//! steps leaves it to the owner of the user's partition, which runs it again once the command's
-//! deadline has passed (`2 × identity.command_timeout_ms`).
+//! The run that began a process holds it for `2 × identity.command_timeout_ms` (past its
+//! command's deadline) and finishes it; one that died between the steps leaves it to the owner of
+//! the user's partition, which runs it again once that claim ran out.
 
 use std::{sync::Arc, time::Duration};
 
-use keel_domain::identity::{DisplayName, Email, RegisterUser, UserCommand, UserId};
+use keel_domain::identity::{DisplayName, Email, RegisterUser, User, UserCommand, UserId};
 use keel_proto::{
     auth::v1::{HashPasswordRequest, RemovePasswordRequest, SetPasswordRequest},
     common::v1::CommandReply,
@@ -28,9 +28,9 @@ use tonic::Status;
 use super::grpc::IdentityGrpc;
 use crate::{
     CommandMeta,
-    engine::{Command, Location},
+    engine::Command,
     grpc::{execute, is_answer, metadata, reply},
-    process::{ProcessError, Sealing},
+    process::{Due, ProcessError, Sealing},
 };
 
 const REGISTRATION: &str = "registration";
@@ -75,6 +75,13 @@ impl IdentityGrpc {
         password: String,
         meta: CommandMeta,
     ) -> Result<CommandReply, Status> {
+        let register =
+            UserCommand::Register(RegisterUser { id, email: email.clone(), display_name: display_name.clone() });
+        if self.is_registered(id).await? {
+            // A retry of a registration that is complete: its first result (a refusal once it is
+            // older than the user's last 64 commands), and nothing runs again.
+            return execute(&self.users, Command::new(id.as_uuid(), meta, "RegisterUser", register)).await;
+        }
         self.reserve(&email, id).await?;
         let request = HashPasswordRequest { email: email.as_str().to_owned(), password };
         let hash = self.auth.hash_password(request).await?;
@@ -85,27 +92,41 @@ impl IdentityGrpc {
             display_name: display_name.as_str().to_owned(),
             password_hash: hash.phc,
         };
-        self.processes
-            .begin(REGISTRATION, meta.command_id, id.as_uuid(), &registration, Sealing::Sealed)
+        let at = (id.as_uuid(), self.users.partition_of(id.as_uuid()));
+        // A retry runs the registration as it was first begun.
+        let registration = self
+            .processes
+            .begin(REGISTRATION, meta.command_id, at, registration, Sealing::Sealed, self.process_lease)
             .await
             .map_err(process_failed)?;
-        self.register(&registration).await
+        self.register(&registration, 0).await
     }
 
-    /// Runs a registration's steps and settles it: forgotten once complete or undone, kept for
-    /// another run when its outcome is unknown.
-    async fn register(&self, registration: &Registration) -> Result<CommandReply, Status> {
+    /// Whether the user `id` exists (or existed: an erased one), as its partition's owner knows.
+    async fn is_registered(&self, id: UserId) -> Result<bool, Status> {
+        Ok(!matches!(self.users.read_here(id.as_uuid()).await?.state, User::Unregistered))
+    }
+
+    /// Runs a registration's steps (after `attempts` earlier runs) and settles it: forgotten
+    /// once complete or undone, kept for another run when its outcome is unknown.
+    async fn register(&self, registration: &Registration, attempts: i32) -> Result<CommandReply, Status> {
         let outcome = self.registration_steps(registration).await;
         let id = registration.meta.command_id;
         match &outcome {
             Ok(_) => self.finish(id).await,
-            Err(status) if is_answer(status) => {
-                tracing::info!(process = %id, code = ?status.code(), "a registration was refused; undoing it");
-                if self.undo_registration(registration).await {
-                    self.finish(id).await;
+            // A refusal of a user that exists is not this registration's to undo (a retry long
+            // after it completed): there is nothing left to do.
+            Err(status) if is_answer(status) => match self.is_registered(registration.user_id).await {
+                Ok(true) => self.finish(id).await,
+                Ok(false) => {
+                    tracing::info!(process = %id, code = ?status.code(), "a registration was refused; undoing it");
+                    if self.undo_registration(registration).await {
+                        self.finish(id).await;
+                    }
                 }
-            }
-            Err(status) => self.failed(id, status).await,
+                Err(unknown) => self.failed(id, attempts, &unknown).await,
+            },
+            Err(status) => self.failed(id, attempts, status).await,
         }
         outcome
     }
@@ -114,8 +135,12 @@ impl IdentityGrpc {
         let Registration { meta, user_id, email, display_name, password_hash } = registration;
         let email = Email::parse(email).map_err(|error| Status::internal(error.to_string()))?;
         let display_name = DisplayName::parse(display_name).map_err(|error| Status::internal(error.to_string()))?;
-        // The address may have been taken over while the process was interrupted.
-        self.reserve(&email, *user_id).await?;
+        let register = UserCommand::Register(RegisterUser { id: *user_id, email: email.clone(), display_name });
+        let register = Command::new(user_id.as_uuid(), meta.clone(), "RegisterUser", register);
+        if self.is_registered(*user_id).await? {
+            // Complete already (the run that completed it died before forgetting it).
+            return execute(&self.users, register).await;
+        }
         let set = SetPasswordRequest {
             metadata: Some(metadata(&meta.step("SetPassword"))),
             user_id: user_id.to_string(),
@@ -123,8 +148,11 @@ impl IdentityGrpc {
         };
         self.auth.set_password(set).await?;
         self.between_steps(REGISTRATION).await;
-        let register = UserCommand::Register(RegisterUser { id: *user_id, email, display_name });
-        execute(&self.users, Command::new(user_id.as_uuid(), meta.clone(), "RegisterUser", register)).await
+        // Reserved again right before the user is registered, so the reservation is younger
+        // than any takeover age while the registration can still land (the address may also
+        // have been taken over while the process was interrupted: then it is refused).
+        self.reserve(&email, *user_id).await?;
+        execute(&self.users, register).await
     }
 
     /// Takes back what a refused registration did: its password and its email's reservation.
@@ -156,21 +184,23 @@ impl IdentityGrpc {
         meta: CommandMeta,
     ) -> Result<CommandReply, Status> {
         let erasure = Erasure { meta: meta.clone(), user_id: id, expected_version };
-        self.processes
-            .begin(ERASURE, meta.command_id, id.as_uuid(), &erasure, Sealing::Plain)
+        let at = (id.as_uuid(), self.users.partition_of(id.as_uuid()));
+        let erasure = self
+            .processes
+            .begin(ERASURE, meta.command_id, at, erasure, Sealing::Plain, self.process_lease)
             .await
             .map_err(process_failed)?;
-        self.erase(&erasure).await
+        self.erase(&erasure, 0).await
     }
 
-    async fn erase(&self, erasure: &Erasure) -> Result<CommandReply, Status> {
+    async fn erase(&self, erasure: &Erasure, attempts: i32) -> Result<CommandReply, Status> {
         let outcome = self.erasure_steps(erasure).await;
         let id = erasure.meta.command_id;
         match &outcome {
             // Refused (a stale If-Match, an unknown user): nothing happened.
             Ok(_) => self.finish(id).await,
             Err(status) if is_answer(status) => self.finish(id).await,
-            Err(status) => self.failed(id, status).await,
+            Err(status) => self.failed(id, attempts, status).await,
         }
         outcome
     }
@@ -204,8 +234,8 @@ impl IdentityGrpc {
         }
     }
 
-    async fn failed(&self, id: uuid::Uuid, status: &Status) {
-        if let Err(error) = self.processes.failed(id, status.message()).await {
+    async fn failed(&self, id: uuid::Uuid, attempts: i32, status: &Status) {
+        if let Err(error) = self.processes.failed(id, attempts, status.message()).await {
             tracing::warn!(process = %id, %error, "failed to record a process's failure");
         }
     }
@@ -222,14 +252,14 @@ impl IdentityGrpc {
 
     /// Runs again, until shutdown, the interrupted processes of the users whose partitions this
     /// instance owns.
-    pub(super) async fn recover(self: Arc<Self>, grace: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub(super) async fn recover(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep(RECOVERY_INTERVAL) => {}
             }
             for kind in [REGISTRATION, ERASURE] {
-                if let Err(error) = self.recover_kind(kind, grace).await {
+                if let Err(error) = self.recover_kind(kind).await {
                     tracing::warn!(kind, %error, "failed to look for interrupted processes; retrying");
                 }
             }
@@ -238,38 +268,42 @@ impl IdentityGrpc {
 
     /// Claims the process `id` of `kind` for `lease` and runs its steps; `None` when another
     /// instance holds it or it is gone.
-    async fn run_again(
-        &self,
-        kind: &'static str,
-        id: uuid::Uuid,
-        lease: Duration,
-    ) -> Result<Option<Result<(), Status>>, ProcessError> {
+    async fn run_again(&self, kind: &'static str, due: Due) -> Result<Option<Result<(), Status>>, ProcessError> {
+        let lease = self.process_lease;
         Ok(match kind {
-            REGISTRATION => match self.processes.claim::<Registration>(kind, id, lease).await? {
-                Some(registration) => Some(self.register(&registration).await.map(drop)),
+            REGISTRATION => match self.processes.claim::<Registration>(kind, due.id, lease).await? {
+                Some(registration) => Some(self.register(&registration, due.attempts).await.map(drop)),
                 None => None,
             },
-            _ => match self.processes.claim::<Erasure>(kind, id, lease).await? {
-                Some(erasure) => Some(self.erase(&erasure).await.map(drop)),
+            _ => match self.processes.claim::<Erasure>(kind, due.id, lease).await? {
+                Some(erasure) => Some(self.erase(&erasure, due.attempts).await.map(drop)),
                 None => None,
             },
         })
     }
 
-    async fn recover_kind(&self, kind: &'static str, grace: Duration) -> Result<(), ProcessError> {
-        for due in self.processes.due(kind, grace, RECOVERY_BATCH).await? {
-            // Its owner runs it: the users engine decides there, without a hop.
-            if !matches!(self.users.locate(due.aggregate_id).await, Location::Here) {
-                continue;
-            }
-            let outcome = match self.run_again(kind, due.id, grace).await {
+    async fn recover_kind(&self, kind: &'static str) -> Result<(), ProcessError> {
+        // Only the partitions this instance owns: the users engine decides there, without a hop.
+        let owned = self.users.owned_partitions();
+        if owned.is_empty() {
+            return Ok(());
+        }
+        for due in self.processes.due(kind, &owned, RECOVERY_BATCH).await? {
+            let outcome = match self.run_again(kind, due).await {
                 Ok(Some(outcome)) => outcome,
-                // Another instance runs it, or it completed meanwhile.
+                // Another run holds it, or it completed meanwhile.
                 Ok(None) => continue,
+                Err(ProcessError::KeyGone(id)) => {
+                    // Its user was erased since: the erasure removed the password too, and the
+                    // registration can never happen.
+                    tracing::info!(kind, process = %id, "forgetting a process whose user was erased");
+                    self.finish(id).await;
+                    continue;
+                }
                 Err(error) => {
-                    // Unreadable: it stays, visible, and counts its attempts.
+                    // Unreadable: it stays, visible, and runs again after its backoff.
                     tracing::error!(kind, process = %due.id, %error, "cannot run an interrupted process");
-                    self.processes.failed(due.id, &error.to_string()).await?;
+                    self.processes.failed(due.id, due.attempts, &error.to_string()).await?;
                     continue;
                 }
             };
