@@ -12,6 +12,7 @@ pub mod forward;
 pub mod grpc;
 pub mod identity;
 mod outcome;
+pub mod panics;
 pub mod process;
 pub mod service;
 

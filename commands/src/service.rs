@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use crate::{
     engine::{CommitProducers, Engine, EngineCheck, EngineContext, Model, Ownership, Settings},
     forward::Peers,
+    panics::CatchPanicLayer,
 };
 
 /// Defines a command service's configuration section: the settings every service has, then its
@@ -180,8 +181,7 @@ pub trait CommandService {
 pub async fn start<S: CommandService>(config: &S::Config, context: ServiceContext<'_>) -> anyhow::Result<()> {
     let mut service = ServiceBuilder::new(S::NAME, config.service(), context)?;
     let routes = S::build(config, &mut service).await?;
-    service.serve(routes);
-    Ok(())
+    service.serve(routes)
 }
 
 /// Builds one command service: its engines, then its servers.
@@ -262,17 +262,24 @@ impl<'a> ServiceBuilder<'a> {
         Ok(engine)
     }
 
-    /// Starts the admin endpoints and the gRPC server (with gRPC health) for `routes`.
-    fn serve(self, routes: tonic::service::Routes) {
+    /// Starts the admin endpoints and the gRPC server for `routes`, with gRPC health, gRPC
+    /// reflection (`grpcurl -plaintext <address> list`) and panic recovery.
+    fn serve(self, routes: tonic::service::Routes) -> anyhow::Result<()> {
         let health = Health::new(self.checks, self.lifecycle.token());
         self.lifecycle.serve_http(self.name, self.admin_listener, keel_runtime::admin::router(health));
         let (_reporter, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("failed to build gRPC reflection")?;
         let token = self.lifecycle.token();
         let listener = self.grpc_listener;
         let name = self.name;
         self.lifecycle.spawn(format!("{name} gRPC"), async move {
             tonic::transport::Server::builder()
-                .add_routes(routes.add_service(health_service))
+                .layer(CatchPanicLayer { service: name })
+                .add_routes(routes.add_service(health_service).add_service(reflection))
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener),
                     token.cancelled_owned(),
@@ -280,6 +287,7 @@ impl<'a> ServiceBuilder<'a> {
                 .await
                 .with_context(|| format!("{name} gRPC server failed"))
         });
+        Ok(())
     }
 }
 

@@ -51,3 +51,40 @@ async fn config_dump_redacts_secrets_and_unknown_keys_are_refused() {
     let error = String::from_utf8(output.stderr).unwrap();
     assert!(error.contains("gateway") && error.contains("listn"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_service_describes_itself_over_grpc_reflection() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+
+    let platform = Platform::start_roles(&[Role::Registry, Role::Identity]).await;
+    let address = platform.setting("KEEL_IDENTITY__GRPC_LISTEN").unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let ask = |message| ServerReflectionRequest { host: String::new(), message_request: Some(message) };
+    let requests = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol("keel.identity.v1.IdentityCommands".into())),
+    ];
+    let mut answers = client.server_reflection_info(tokio_stream::iter(requests)).await.unwrap().into_inner();
+
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no list of services")
+    };
+    let names: Vec<&str> = list.service.iter().map(|service| service.name.as_str()).collect();
+    for expected in
+        ["keel.identity.v1.IdentityCommands", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"]
+    {
+        assert!(names.contains(&expected), "{expected} in {names:?}");
+    }
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no descriptor of the identity service")
+    };
+    assert!(!files.file_descriptor_proto.is_empty(), "its file, with its messages, to call it by");
+}

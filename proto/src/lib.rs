@@ -8,6 +8,9 @@ pub mod token;
 
 pub use error::ErrorCode;
 
+/// Every Keel gRPC contract, as an encoded `FileDescriptorSet`: what gRPC reflection serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keel_descriptor.bin"));
+
 pub mod common {
     pub mod v1 {
         tonic::include_proto!("keel.common.v1");

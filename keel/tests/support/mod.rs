@@ -560,6 +560,11 @@ impl Platform {
         admin
     }
 
+    /// A setting of this platform's environment (`KEEL_IDENTITY__GRPC_LISTEN`, …).
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        self.env.iter().find(|(name, _)| name == key).map(|(_, value)| value.as_str())
+    }
+
     pub fn admin_url(&self, role: Role) -> &str {
         &self.admin_urls[&role]
     }

@@ -1,0 +1,102 @@
+//! Panic recovery on a service's gRPC server: a call whose handler panics is answered INTERNAL
+//! and counted (`keel_grpc_panics_total{service}`), and the instance goes on serving every other
+//! call — as the gateway does for HTTP.
+
+use std::{
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use futures::FutureExt;
+use tonic::Status;
+
+/// The layer that puts [`CatchPanic`] around a gRPC server's routes.
+#[derive(Debug, Clone, Copy)]
+pub struct CatchPanicLayer {
+    /// The service's name in the metric and the log.
+    pub service: &'static str,
+}
+
+impl<S> tower::Layer<S> for CatchPanicLayer {
+    type Service = CatchPanic<S>;
+
+    fn layer(&self, inner: S) -> CatchPanic<S> {
+        CatchPanic { inner, service: self.service }
+    }
+}
+
+/// Answers INTERNAL for a call that panicked, making the call's future or while it ran.
+#[derive(Debug, Clone)]
+pub struct CatchPanic<S> {
+    inner: S,
+    service: &'static str,
+}
+
+type Answer<E> = Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, E>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for CatchPanic<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Answer<S::Error>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let service = self.service;
+        let path = request.uri().path().to_owned();
+        let call = std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request)));
+        Box::pin(async move {
+            let outcome = match call {
+                Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+                Err(panic) => Err(panic),
+            };
+            outcome.unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| (*text).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(service, rpc = %path, panic = %message, "a gRPC handler panicked; answered INTERNAL");
+                metrics::counter!("keel_grpc_panics_total", "service" => service).increment(1);
+                Ok(Status::internal("internal error").into_http())
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tower::{Layer, Service, ServiceExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_call_is_internal_and_the_next_call_is_served() {
+        let handler = tower::service_fn(|request: http::Request<()>| async move {
+            if request.uri().path() == "/keel.test.v1.Test/Panic" {
+                panic!("a bug");
+            }
+            Ok::<_, Infallible>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let mut service = CatchPanicLayer { service: "test" }.layer(handler);
+        let call = |path: &str| http::Request::builder().uri(path).body(()).unwrap();
+
+        let panicked = service.ready().await.unwrap().call(call("/keel.test.v1.Test/Panic")).await.unwrap();
+        let status = Status::from_header_map(panicked.headers()).expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(status.message(), "internal error", "the panic's text stays in the log");
+
+        let served = service.ready().await.unwrap().call(call("/keel.test.v1.Test/Fine")).await.unwrap();
+        assert!(Status::from_header_map(served.headers()).is_none(), "the next call is served as usual");
+    }
+}
