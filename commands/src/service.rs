@@ -5,8 +5,11 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use keel_runtime::postgres::DatabaseCheck;
 use keel_runtime::{ConfigError, Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure};
-use keel_topics::{PersonalDataConfig, SchemaRegistryCodec, TopicNames, Vault, kafka, wakeups::Announcer};
+use keel_topics::{
+    PersonalDataConfig, RegistryCheck, SchemaRegistryCodec, TopicNames, Vault, kafka, wakeups::Announcer,
+};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -204,7 +207,11 @@ impl<'a> ServiceBuilder<'a> {
             context;
         let names = TopicNames::new(kafka.topic_prefix.clone());
         let endpoint = settings.endpoint(name, grpc_listener.local_addr()?)?;
-        let checks: Vec<Arc<dyn ReadinessCheck>> = vec![Arc::new(kafka::BrokerCheck::new(kafka)?)];
+        let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
+            Arc::new(kafka::BrokerCheck::new(kafka)?),
+            Arc::new(DatabaseCheck(pool.clone())),
+            Arc::new(RegistryCheck::new(registry_url)?),
+        ];
         let announcer = Announcer::default();
         lifecycle.spawn(format!("{name} log announcements"), announcer.clone().run(pool.clone(), lifecycle.token()));
         let context = EngineContext {

@@ -45,7 +45,7 @@ use keel_runtime::{
     Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure, notifications::Notifications,
     postgres::DatabaseCheck,
 };
-use keel_topics::{SchemaRegistryCodec, TopicNames};
+use keel_topics::{RegistryCheck, SchemaRegistryCodec, TopicNames};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -349,6 +349,25 @@ async fn grpc_serving(channel: &Channel) -> Result<(), String> {
     }
 }
 
+/// Readiness: the shared rate limit store (Redis) answers. Not critical: the gateway then limits
+/// in its own memory (counted in `keel_rate_limit_fallbacks_total`), and says so here.
+struct RateLimitStoreCheck(Arc<Security>);
+
+#[async_trait::async_trait]
+impl ReadinessCheck for RateLimitStoreCheck {
+    fn name(&self) -> &'static str {
+        "rate-limit-store"
+    }
+
+    fn critical(&self) -> bool {
+        false
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        self.0.limiter.ping().await
+    }
+}
+
 /// Readiness: the keys that verify access tokens are loaded.
 struct KeysCheck(Arc<TokenVerifier>);
 
@@ -455,6 +474,8 @@ pub async fn start(
         Arc::new(QueryCache::new(config.query_cache.max_bytes, Duration::from_millis(config.query_cache.ttl_ms)));
     let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
         Arc::new(DatabaseCheck(pool.clone())),
+        Arc::new(RegistryCheck::new(&sources.registry_url)?),
+        Arc::new(RateLimitStoreCheck(security.clone())),
         Arc::new(KeysCheck(tokens.clone())),
         Arc::new(ServiceCheck::new(identity.service())),
         Arc::new(ServiceCheck::new(auth.service())),

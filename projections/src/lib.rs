@@ -23,7 +23,7 @@ use anyhow::Context;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use keel_runtime::notifications::Notifications;
 use keel_runtime::{Health, KafkaConfig, Lifecycle, ReadinessCheck, postgres::DatabaseCheck};
-use keel_topics::{SchemaRegistryCodec, TopicNames, kafka::BrokerCheck};
+use keel_topics::{RegistryCheck, SchemaRegistryCodec, TopicNames, kafka::BrokerCheck};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -115,6 +115,8 @@ pub struct Projector {
     pub names: TopicNames,
     pub pool: PgPool,
     pub codec: SchemaRegistryCodec,
+    /// Where the codec fetches schemas (for readiness).
+    pub registry_url: String,
     pub dead_letters: dead_letters::DeadLetters,
     pub projections: Vec<Arc<dyn Projection>>,
     /// What the log's writers announce, so the live feed fetches only what exists.
@@ -134,7 +136,8 @@ impl Projector {
         let names = TopicNames::new(kafka.topic_prefix.clone());
         let codec = SchemaRegistryCodec::new(registry_url, names.clone())?;
         let dead_letters = dead_letters::DeadLetters::new(&kafka, &names)?;
-        Ok(Self { config, kafka, names, pool, codec, dead_letters, projections, notifications })
+        let registry_url = registry_url.to_owned();
+        Ok(Self { config, kafka, names, pool, codec, registry_url, dead_letters, projections, notifications })
     }
 
     /// A projection by name.
@@ -303,8 +306,11 @@ async fn watch_for_restart(
 /// Starts the projector (the live feed of every projection), the janitor of retired versions,
 /// and the admin endpoints.
 pub async fn start(projector: Projector, lifecycle: &mut Lifecycle, admin_listener: TcpListener) -> anyhow::Result<()> {
-    let checks: Vec<Arc<dyn ReadinessCheck>> =
-        vec![Arc::new(DatabaseCheck(projector.pool.clone())), Arc::new(BrokerCheck::new(&projector.kafka)?)];
+    let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
+        Arc::new(DatabaseCheck(projector.pool.clone())),
+        Arc::new(BrokerCheck::new(&projector.kafka)?),
+        Arc::new(RegistryCheck::new(&projector.registry_url)?),
+    ];
     let admin = keel_runtime::admin::router(Health::new(checks, lifecycle.token()))
         .merge(Router::new().route("/admin/projections", get(admin_projections)).with_state(projector.clone()));
     lifecycle.serve_http("projector-admin", admin_listener, admin);

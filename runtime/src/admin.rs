@@ -33,26 +33,29 @@ impl Health {
         Self { checks: Arc::new(checks), shutdown, timeout: Duration::from_secs(2) }
     }
 
-    /// Runs every check concurrently, each bounded by a timeout.
+    /// Runs every check concurrently, each bounded by a timeout; each reports how long it took
+    /// (`latency_ms`).
     pub async fn report(&self) -> (bool, serde_json::Value) {
         let results = futures::future::join_all(self.checks.iter().map(|check| async move {
+            let started = std::time::Instant::now();
             let outcome = match tokio::time::timeout(self.timeout, check.check()).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("timed out after {:?}", self.timeout)),
             };
-            (check.name(), check.critical(), outcome)
+            let latency_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
+            (check.name(), check.critical(), outcome, latency_ms)
         }))
         .await;
         let mut ready = !self.shutdown.is_cancelled();
         let mut checks = serde_json::Map::new();
-        for (name, critical, outcome) in results {
+        for (name, critical, outcome, latency_ms) in results {
             let status = match outcome {
-                Ok(()) => json!({"status": "up"}),
+                Ok(()) => json!({"status": "up", "latency_ms": latency_ms}),
                 Err(reason) if critical => {
                     ready = false;
-                    json!({"status": "down", "reason": reason})
+                    json!({"status": "down", "reason": reason, "latency_ms": latency_ms})
                 }
-                Err(reason) => json!({"status": "degraded", "reason": reason}),
+                Err(reason) => json!({"status": "degraded", "reason": reason, "latency_ms": latency_ms}),
             };
             checks.insert(name.to_owned(), status);
         }

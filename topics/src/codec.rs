@@ -291,3 +291,37 @@ pub fn strings<'a>(items: impl IntoIterator<Item = &'a str>) -> Value {
 pub fn invalid(error: keel_domain::InvalidValue) -> CodecError {
     CodecError::Shape(error.to_string())
 }
+
+/// Readiness: the schema registry answers. Not critical: schemas already fetched are cached, so
+/// commits of known schemas are written and read while it is down; what it would be needed for
+/// (a schema seen for the first time) waits and retries.
+pub struct RegistryCheck {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl RegistryCheck {
+    pub fn new(registry_url: &str) -> Result<Self, CodecError> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(1500))
+            .build()
+            .map_err(|error| CodecError::Registry { message: error.to_string(), retriable: false })?;
+        Ok(Self { client, url: format!("{}/subjects", registry_url.trim_end_matches('/')) })
+    }
+}
+
+#[async_trait::async_trait]
+impl keel_runtime::ReadinessCheck for RegistryCheck {
+    fn name(&self) -> &'static str {
+        "schema-registry"
+    }
+
+    fn critical(&self) -> bool {
+        false
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        let response = self.client.get(&self.url).send().await.map_err(|error| format!("unreachable: {error}"))?;
+        if response.status().is_success() { Ok(()) } else { Err(format!("answered {}", response.status())) }
+    }
+}

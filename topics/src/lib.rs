@@ -36,7 +36,7 @@ pub const STATUS_CHANNEL: &str = "keel_status";
 /// The PostgreSQL channel on which a command service announces that it took or let go of a
 /// partition (`command_owners` changed), so that gateways route commands to the new owner.
 pub const OWNERS_CHANNEL: &str = "keel_owners";
-pub use codec::{CodecError, Decoded, SchemaRegistryCodec};
+pub use codec::{CodecError, Decoded, RegistryCheck, SchemaRegistryCodec};
 pub use envelope::{CommitHeader, EnvelopeError, EventMeta, Position};
 pub use validation::{StreamState, Verdict};
 pub use vault::{Opened, PersonalDataConfig, Vault, VaultError};

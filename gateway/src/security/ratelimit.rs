@@ -96,6 +96,17 @@ impl RateLimiter {
         self.redis.is_some()
     }
 
+    /// Pings the shared store; `Ok` without one (each gateway limits alone by configuration).
+    pub async fn ping(&self) -> Result<(), String> {
+        let Some(redis) = &self.redis else { return Ok(()) };
+        let mut connection = redis.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map(drop)
+            .map_err(|error| format!("unreachable ({error}); each gateway limits in its own memory meanwhile"))
+    }
+
     /// Whether the shared store is failing right now (limits are per gateway meanwhile).
     pub fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)
