@@ -6,7 +6,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use keel_runtime::postgres::DatabaseCheck;
-use keel_runtime::{ConfigError, Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure};
+use keel_runtime::{ConfigError, Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure, lifecycle::Phase};
 use keel_topics::{
     PersonalDataConfig, RegistryCheck, SchemaRegistryCodec, TopicNames, Vault, kafka, wakeups::Announcer,
 };
@@ -272,27 +272,33 @@ impl<'a> ServiceBuilder<'a> {
     /// Starts the admin endpoints and the gRPC server for `routes`, with gRPC health, gRPC
     /// reflection (`grpcurl -plaintext <address> list`) and panic recovery.
     fn serve(self, routes: tonic::service::Routes) -> anyhow::Result<()> {
-        let health = Health::new(self.checks, self.lifecycle.token());
+        let health = Health::new(self.checks, self.lifecycle.draining());
         self.lifecycle.serve_http(self.name, self.admin_listener, keel_runtime::admin::router(health));
-        let (_reporter, health_service) = tonic_health::server::health_reporter();
+        let (reporter, health_service) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("failed to build gRPC reflection")?;
-        let token = self.lifecycle.token();
+        let (draining, stop) = (self.lifecycle.draining(), self.lifecycle.phase_token(Phase::Grpc));
         let listener = self.grpc_listener;
         let name = self.name;
-        self.lifecycle.spawn(format!("{name} gRPC"), async move {
-            tonic::transport::Server::builder()
+        self.lifecycle.spawn_in(Phase::Grpc, format!("{name} gRPC"), async move {
+            let server = tonic::transport::Server::builder()
                 .layer(CatchPanicLayer { service: name })
                 .add_routes(routes.add_service(health_service).add_service(reflection))
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener),
-                    token.cancelled_owned(),
-                )
-                .await
-                .with_context(|| format!("{name} gRPC server failed"))
+                    stop.cancelled_owned(),
+                );
+            tokio::pin!(server);
+            tokio::select! {
+                served = &mut server => return served.with_context(|| format!("{name} gRPC server failed")),
+                () = draining.cancelled() => {}
+            }
+            // Draining: health checks say NOT_SERVING while the calls in flight finish.
+            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            server.await.with_context(|| format!("{name} gRPC server failed"))
         });
         Ok(())
     }

@@ -482,7 +482,7 @@ pub async fn start(
         Arc::new(ServiceCheck::new(authz.service())),
         Arc::new(ServiceCheck::new(blog.service())),
     ];
-    let health = Health::new(checks, lifecycle.token());
+    let health = Health::new(checks, lifecycle.draining());
     lifecycle
         .spawn("gateway token keys", tokens.run(Duration::from_secs(config.auth.jwks_refresh_secs), lifecycle.token()));
     let caches = invalidation::Caches { security: security.clone(), posts: posts_cache.clone() };
@@ -494,7 +494,9 @@ pub async fn start(
         kafka: sources.kafka,
         names: names.clone(),
         pool: pool.clone(),
-        shutdown: lifecycle.token(),
+        // Streams end as soon as the gateway drains, with their resume positions, so that the
+        // HTTP server's drain does not wait for them.
+        shutdown: lifecycle.draining(),
         notifications: sources.notifications,
     };
     let streams = Arc::new(Streams::new(hubs, config.streams.clone())?);

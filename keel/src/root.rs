@@ -143,13 +143,15 @@ impl Role {
     }
 }
 
-/// A database pool, migrated when configured to.
-async fn database(config: &KeelConfig, role: Role) -> anyhow::Result<PgPool> {
+/// A database pool, migrated when configured to, and closed once every task has stopped.
+async fn database(config: &KeelConfig, role: Role, lifecycle: &mut Lifecycle) -> anyhow::Result<PgPool> {
     let role_name = format!("{role:?}").to_lowercase();
     let pool = postgres::pool(&config.database, &format!("keel-{role_name}"), role.connections())?;
     if config.database.migrate_on_start {
         migrate(&pool).await?;
     }
+    let closed = pool.clone();
+    lifecycle.on_stop("database pool", async move { closed.close().await });
     Ok(pool)
 }
 
@@ -173,7 +175,7 @@ async fn command_service<S: CommandService>(
     role: Role,
     lifecycle: &mut Lifecycle,
 ) -> anyhow::Result<()> {
-    let pool = database(config, role).await?;
+    let pool = database(config, role, lifecycle).await?;
     let settings = section.service();
     let grpc_listener = bind(&settings.grpc_listen, &format!("{} gRPC", S::NAME)).await?;
     let admin_listener = bind(&settings.admin_listen, &format!("{} admin", S::NAME)).await?;
@@ -198,12 +200,12 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
     let started = async {
         match role {
             Role::Registry => {
-                let pool = database(config, Role::Registry).await?;
+                let pool = database(config, Role::Registry, &mut lifecycle).await?;
                 let listener = bind(&config.registry.listen, "registry").await?;
                 let checks: Vec<std::sync::Arc<dyn keel_runtime::ReadinessCheck>> =
                     vec![std::sync::Arc::new(postgres::DatabaseCheck(pool.clone()))];
                 let router = keel_registry::router(keel_registry::PgSchemaStore::new(pool))
-                    .merge(keel_runtime::admin::router(Health::new(checks, lifecycle.token())));
+                    .merge(keel_runtime::admin::router(Health::new(checks, lifecycle.draining())));
                 lifecycle.serve_http("registry-http", listener, router);
             }
             Role::Identity => {
@@ -213,7 +215,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
             Role::Authz => command_service::<AuthzService>(config, &config.authz, Role::Authz, &mut lifecycle).await?,
             Role::Blog => command_service::<BlogService>(config, &config.blog, Role::Blog, &mut lifecycle).await?,
             Role::Projector => {
-                let pool = database(config, Role::Projector).await?;
+                let pool = database(config, Role::Projector, &mut lifecycle).await?;
                 let admin = bind(&config.projector.admin_listen, "projector admin").await?;
                 let notifications = listen(config, &mut lifecycle, "projector", &[keel_topics::wakeups::CHANNEL])?;
                 let projections = keel_read_models::catalogue(Vault::new(pool.clone(), &config.personal_data)?);
@@ -228,7 +230,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                 keel_projections::start(projector, &mut lifecycle, admin).await?;
             }
             Role::Gateway => {
-                let pool = database(config, Role::Gateway).await?;
+                let pool = database(config, Role::Gateway, &mut lifecycle).await?;
                 let listener = bind(&config.gateway.listen, "gateway").await?;
                 let channels = [
                     keel_topics::wakeups::CHANNEL,

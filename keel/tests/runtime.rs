@@ -93,3 +93,19 @@ async fn a_command_service_describes_itself_over_grpc_reflection() {
     };
     assert!(!files.file_descriptor_proto.is_empty(), "its file, with its messages, to call it by");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_stops_phase_by_phase_in_the_platform_s_order() {
+    let mut platform = Platform::start_roles(&[Role::Registry, Role::Identity]).await;
+    let status = platform.terminate(Role::Identity, Duration::from_secs(30));
+    assert!(status.success(), "a drained role exits 0: {status}");
+    let log = platform.log_tail(Role::Identity);
+    let phases: Vec<String> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|entry| entry["message"] == "shutdown phase done")
+        .map(|entry| entry["phase"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(phases, ["http", "grpc", "workers", "hooks"], "{log}");
+    assert!(log.contains("shutting down: not ready"), "{log}");
+}

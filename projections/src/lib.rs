@@ -311,7 +311,7 @@ pub async fn start(projector: Projector, lifecycle: &mut Lifecycle, admin_listen
         Arc::new(BrokerCheck::new(&projector.kafka)?),
         Arc::new(RegistryCheck::new(&projector.registry_url)?),
     ];
-    let admin = keel_runtime::admin::router(Health::new(checks, lifecycle.token()))
+    let admin = keel_runtime::admin::router(Health::new(checks, lifecycle.draining()))
         .merge(Router::new().route("/admin/projections", get(admin_projections)).with_state(projector.clone()));
     lifecycle.serve_http("projector-admin", admin_listener, admin);
     lifecycle.spawn("projector", projector.clone().supervise(lifecycle.token()));

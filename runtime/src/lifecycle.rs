@@ -1,41 +1,115 @@
-//! One shutdown path: signal → cancellation token → bounded drain → abort the rest.
+//! One shutdown path, in the platform's order: a signal (or a failed task) → not ready → the HTTP
+//! servers stop accepting and drain → the gRPC servers → the workers → the stop hooks (pools
+//! closed, producers flushed) → exit. Each phase is bounded by what is left of the grace period
+//! and logged with its duration; what has not stopped when it runs out is aborted. A second
+//! signal exits at once.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use anyhow::{Context, anyhow};
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-/// The named background tasks of a role and the token that stops them.
+/// What stops together, in the order they stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// HTTP servers: they stop accepting, then finish the requests in flight.
+    Http,
+    /// gRPC servers, likewise.
+    Grpc,
+    /// Everything else: writers (partitions released, snapshots written), feeds, caches,
+    /// listeners; each finishes its current unit of work.
+    Workers,
+}
+
+const PHASES: [Phase; 3] = [Phase::Http, Phase::Grpc, Phase::Workers];
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Grpc => "grpc",
+            Self::Workers => "workers",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::Http => 0,
+            Self::Grpc => 1,
+            Self::Workers => 2,
+        }
+    }
+}
+
+type Task = JoinSet<(String, anyhow::Result<()>)>;
+type Hook = (String, Pin<Box<dyn Future<Output = ()> + Send>>);
+
+/// The named background tasks of a role, by phase, and the tokens that stop them.
 pub struct Lifecycle {
-    shutdown: CancellationToken,
-    tasks: JoinSet<(String, anyhow::Result<()>)>,
+    /// Cancelled by a signal or a failed task: the role is draining (not ready).
+    draining: CancellationToken,
+    /// Per phase, the token that stops its tasks, and its tasks.
+    phases: [(CancellationToken, Task); 3],
+    hooks: Vec<Hook>,
     grace: Duration,
 }
 
 impl Lifecycle {
-    pub fn new(shutdown: CancellationToken, grace: Duration) -> Self {
-        Self { shutdown, tasks: JoinSet::new(), grace }
+    /// `draining` is the role's shutdown signal ([`cancel_on_signal`]).
+    pub fn new(draining: CancellationToken, grace: Duration) -> Self {
+        let phase = || (CancellationToken::new(), JoinSet::new());
+        Self { draining, phases: [phase(), phase(), phase()], hooks: Vec::new(), grace }
     }
 
+    /// Cancelled as soon as shutdown begins: readiness turns 503, streams end with their resume
+    /// positions, gRPC health says NOT_SERVING.
+    pub fn draining(&self) -> CancellationToken {
+        self.draining.clone()
+    }
+
+    /// The token of a worker task ([`Self::spawn`]): cancelled in the workers phase, once the
+    /// servers have drained.
     pub fn token(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.phase_token(Phase::Workers)
     }
 
-    /// Spawns a task that must return once the token is cancelled (after finishing its current
-    /// unit of work). A task that ends early, with or without an error, stops the role.
+    /// The token that stops the tasks of `phase`.
+    pub fn phase_token(&self, phase: Phase) -> CancellationToken {
+        self.phases[phase.index()].0.clone()
+    }
+
+    /// Spawns a worker: it must return once [`Self::token`] is cancelled (after finishing its
+    /// current unit of work). A task that ends early, with or without an error, stops the role.
     pub fn spawn<F>(&mut self, name: impl Into<String>, task: F)
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let name = name.into();
-        self.tasks.spawn(async move { (name, task.await) });
+        self.spawn_in(Phase::Workers, name, task);
     }
 
-    /// Serves `router` on `listener` until shutdown, then drains in-flight requests.
+    /// Spawns a task of `phase`: it must return once [`Self::phase_token`] of it is cancelled.
+    pub fn spawn_in<F>(&mut self, phase: Phase, name: impl Into<String>, task: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let name = name.into();
+        self.phases[phase.index()].1.spawn(async move { (name, task.await) });
+    }
+
+    /// Runs `hook` after every task has stopped (close a pool, flush a producer), in the order
+    /// the hooks were added.
+    pub fn on_stop<F>(&mut self, name: impl Into<String>, hook: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.hooks.push((name.into(), Box::pin(hook)));
+    }
+
+    /// Serves `router` on `listener` until the HTTP phase, then drains in-flight requests.
     pub fn serve_http(&mut self, name: &'static str, listener: TcpListener, router: axum::Router) {
-        let token = self.shutdown.clone();
-        self.spawn(name, async move {
+        let token = self.phase_token(Phase::Http);
+        self.spawn_in(Phase::Http, name, async move {
             axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await
@@ -43,38 +117,69 @@ impl Lifecycle {
         });
     }
 
-    /// Runs until a signal, a cancelled token or a failed task; then drains within the grace period.
+    /// Runs until a signal, a cancelled token or a failed task; then stops phase by phase
+    /// within the grace period.
     pub async fn run(mut self) -> anyhow::Result<()> {
-        let mut first_failure = None;
-        tokio::select! {
-            () = self.shutdown.cancelled() => {}
-            Some(joined) = self.tasks.join_next() => {
-                let requested = self.shutdown.is_cancelled();
-                match describe(joined) {
-                    Ok(()) if requested => {}
-                    Ok(()) => first_failure = Some(anyhow!("a task stopped before shutdown was requested")),
-                    Err(error) => first_failure = Some(error),
-                }
-                self.shutdown.cancel();
-            }
-        }
-        tracing::info!(grace_ms = self.grace.as_millis() as u64, "shutting down");
-        let drain = async {
-            while let Some(joined) = self.tasks.join_next().await {
-                if let Err(error) = describe(joined) {
-                    tracing::error!(error = %error, "task failed during shutdown");
-                }
+        let first_failure = tokio::select! {
+            () = self.draining.cancelled() => None,
+            failure = first_ended(&mut self.phases) => {
+                self.draining.cancel();
+                failure
             }
         };
-        if tokio::time::timeout(self.grace, drain).await.is_err() {
-            tracing::warn!(remaining = self.tasks.len(), "grace period over, aborting tasks");
-            self.tasks.abort_all();
+        let deadline = Instant::now() + self.grace;
+        tracing::info!(grace_ms = self.grace.as_millis() as u64, "shutting down: not ready");
+        for phase in PHASES {
+            let started = Instant::now();
+            let (token, tasks) = &mut self.phases[phase.index()];
+            token.cancel();
+            let drain = async {
+                while let Some(joined) = tasks.join_next().await {
+                    if let Err(error) = describe(joined) {
+                        tracing::error!(error = %error, "task failed during shutdown");
+                    }
+                }
+            };
+            let drained = tokio::time::timeout_at(deadline, drain).await.is_ok();
+            if !drained {
+                tracing::warn!(phase = phase.label(), remaining = tasks.len(), "grace period over, aborting tasks");
+                self.phases.iter_mut().for_each(|(_, tasks)| tasks.abort_all());
+            }
+            tracing::info!(
+                phase = phase.label(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                drained,
+                "shutdown phase done"
+            );
         }
+        let started = Instant::now();
+        for (name, hook) in self.hooks {
+            if tokio::time::timeout_at(deadline, hook).await.is_err() {
+                tracing::warn!(hook = %name, "grace period over during a stop hook");
+                break;
+            }
+        }
+        tracing::info!(phase = "hooks", duration_ms = started.elapsed().as_millis() as u64, "shutdown phase done");
         match first_failure {
             None => Ok(()),
             Some(error) => Err(error),
         }
     }
+}
+
+/// Waits for the first task of any phase to end: before shutdown, that is a failure.
+async fn first_ended(phases: &mut [(CancellationToken, Task); 3]) -> Option<anyhow::Error> {
+    let [(_, http), (_, grpc), (_, workers)] = phases;
+    let joined = tokio::select! {
+        Some(joined) = http.join_next() => joined,
+        Some(joined) = grpc.join_next() => joined,
+        Some(joined) = workers.join_next() => joined,
+        else => return Some(anyhow!("the role has no tasks")),
+    };
+    Some(match describe(joined) {
+        Ok(()) => anyhow!("a task stopped before shutdown was requested"),
+        Err(error) => error,
+    })
 }
 
 fn describe(joined: Result<(String, anyhow::Result<()>), tokio::task::JoinError>) -> anyhow::Result<()> {
@@ -88,7 +193,7 @@ fn describe(joined: Result<(String, anyhow::Result<()>), tokio::task::JoinError>
     }
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
+/// Cancels `token` on SIGTERM or SIGINT; a second one exits at once.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -103,5 +208,11 @@ pub fn cancel_on_signal(token: CancellationToken) {
             _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "signal received"),
         }
         token.cancel();
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::warn!("a second signal: exiting without finishing the shutdown");
+        std::process::exit(130);
     });
 }
