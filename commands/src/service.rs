@@ -194,7 +194,9 @@ pub struct ServiceBuilder<'a> {
     names: TopicNames,
     /// What the service's engines share.
     context: EngineContext,
-    personal_data: &'a PersonalDataConfig,
+    /// The service's one key store: one cache, so a key shredded by one part of the service is
+    /// gone for every other.
+    vault: Vault,
     lifecycle: &'a mut Lifecycle,
     checks: Vec<Arc<dyn ReadinessCheck>>,
     grpc_listener: TcpListener,
@@ -214,6 +216,7 @@ impl<'a> ServiceBuilder<'a> {
         ];
         let announcer = Announcer::default();
         lifecycle.spawn(format!("{name} log announcements"), announcer.clone().run(pool.clone(), lifecycle.token()));
+        let vault = Vault::new(pool.clone(), personal_data)?;
         let context = EngineContext {
             kafka: kafka.clone(),
             codec: SchemaRegistryCodec::new(registry_url, names.clone())?,
@@ -223,7 +226,7 @@ impl<'a> ServiceBuilder<'a> {
             announcer,
             producers: Arc::new(CommitProducers::new(kafka, settings.producers)?),
         };
-        Ok(Self { name, settings, names, context, personal_data, lifecycle, checks, grpc_listener, admin_listener })
+        Ok(Self { name, settings, names, context, vault, lifecycle, checks, grpc_listener, admin_listener })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -239,8 +242,8 @@ impl<'a> ServiceBuilder<'a> {
     }
 
     /// The keys that seal personal data on this service's topics.
-    pub fn vault(&self) -> anyhow::Result<Vault> {
-        Ok(Vault::new(self.context.pool.clone(), self.personal_data)?)
+    pub fn vault(&self) -> Vault {
+        self.vault.clone()
     }
 
     /// Channels to the other instances of this service, for calls to forward.

@@ -97,7 +97,7 @@ impl CommandService for AuthService {
         let kek = config.kek().context("auth.key_encryption_key is validated with the configuration")?;
         let pool = service.pool().clone();
         let keys = SigningKeys::load(pool.clone(), kek, config.key_settings()).await?;
-        let credentials = service.engine(CredentialStore::new(service.vault()?)).await?;
+        let credentials = service.engine(CredentialStore::new(service.vault())).await?;
         let sessions = service.engine(Sessions).await?;
         let maintained = keys.clone();
         let token = service.lifecycle().token();

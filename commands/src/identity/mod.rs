@@ -87,7 +87,7 @@ impl CommandService for IdentityService {
                 DEVELOPMENT_EMAIL_KEY
             }
         };
-        let users = service.engine(Users::new(service.vault()?)).await?;
+        let users = service.engine(Users::new(service.vault())).await?;
         let timeout = service.settings().command_timeout();
         let grpc = Arc::new(grpc::IdentityGrpc {
             users,
@@ -95,7 +95,7 @@ impl CommandService for IdentityService {
             peers: service.peers(),
             takeover_after: Duration::from_secs(config.claim_takeover_secs),
             auth: Auth::new(ServiceClient::new("auth", &config.auth_endpoints, timeout)?),
-            processes: Processes::new(service.pool().clone(), service.vault()?),
+            processes: Processes::new(service.pool().clone(), service.vault()),
             // Past the command's deadline: a process still claimed then was interrupted.
             process_lease: 2 * timeout,
             pause_between_steps: config.unsafe_pause_between_steps,

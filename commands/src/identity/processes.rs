@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::grpc::IdentityGrpc;
+use super::{grpc::IdentityGrpc, model::Users};
 use crate::{
     CommandMeta,
     engine::Command,
@@ -44,6 +44,17 @@ struct Registration {
     email: String,
     display_name: String,
     password_hash: String,
+}
+
+impl Registration {
+    /// The user's command of the registration, and the address it takes.
+    fn command(&self) -> Result<(Email, Command<Users>), Status> {
+        let email = Email::parse(&self.email).map_err(|error| Status::internal(error.to_string()))?;
+        let display_name =
+            DisplayName::parse(&self.display_name).map_err(|error| Status::internal(error.to_string()))?;
+        let register = UserCommand::Register(RegisterUser { id: self.user_id, email: email.clone(), display_name });
+        Ok((email, Command::new(self.user_id.as_uuid(), self.meta.clone(), "RegisterUser", register)))
+    }
 }
 
 /// What an erasure's steps need.
@@ -132,15 +143,8 @@ impl IdentityGrpc {
     }
 
     async fn registration_steps(&self, registration: &Registration) -> Result<CommandReply, Status> {
-        let Registration { meta, user_id, email, display_name, password_hash } = registration;
-        let email = Email::parse(email).map_err(|error| Status::internal(error.to_string()))?;
-        let display_name = DisplayName::parse(display_name).map_err(|error| Status::internal(error.to_string()))?;
-        let register = UserCommand::Register(RegisterUser { id: *user_id, email: email.clone(), display_name });
-        let register = Command::new(user_id.as_uuid(), meta.clone(), "RegisterUser", register);
-        if self.is_registered(*user_id).await? {
-            // Complete already (the run that completed it died before forgetting it).
-            return execute(&self.users, register).await;
-        }
+        let Registration { meta, user_id, password_hash, .. } = registration;
+        let (email, register) = registration.command()?;
         let set = SetPasswordRequest {
             metadata: Some(metadata(&meta.step("SetPassword"))),
             user_id: user_id.to_string(),
@@ -153,6 +157,24 @@ impl IdentityGrpc {
         // have been taken over while the process was interrupted: then it is refused).
         self.reserve(&email, *user_id).await?;
         execute(&self.users, register).await
+    }
+
+    /// Runs an interrupted registration again: one that is complete already (the run that
+    /// completed it died before forgetting it) answers with its first result and runs nothing
+    /// again. (A run that begins a registration has just checked this itself.)
+    async fn register_again(&self, registration: &Registration, attempts: i32) -> Result<CommandReply, Status> {
+        let user_id = registration.user_id;
+        match self.is_registered(user_id).await {
+            Ok(true) => {
+                self.finish(registration.meta.command_id).await;
+                execute(&self.users, registration.command()?.1).await
+            }
+            Ok(false) => self.register(registration, attempts).await,
+            Err(status) => {
+                self.failed(registration.meta.command_id, attempts, &status).await;
+                Err(status)
+            }
+        }
     }
 
     /// Takes back what a refused registration did: its password and its email's reservation.
@@ -272,7 +294,7 @@ impl IdentityGrpc {
         let lease = self.process_lease;
         Ok(match kind {
             REGISTRATION => match self.processes.claim::<Registration>(kind, due.id, lease).await? {
-                Some(registration) => Some(self.register(&registration, due.attempts).await.map(drop)),
+                Some(registration) => Some(self.register_again(&registration, due.attempts).await.map(drop)),
                 None => None,
             },
             _ => match self.processes.claim::<Erasure>(kind, due.id, lease).await? {
