@@ -12,7 +12,7 @@ use std::{
     fmt,
     future::Future,
     sync::{
-        Arc,
+        Arc, PoisonError, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -38,7 +38,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// One instance of a service.
 #[derive(Debug, Clone)]
 pub struct ServiceEndpoint {
-    /// As configured: names the instance in logs, metrics and readiness.
+    /// As registered: names the instance in logs, metrics and readiness.
     pub url: String,
     /// Connects on first use and reconnects after a failure.
     pub channel: Channel,
@@ -64,7 +64,8 @@ pub trait Placement: Send + Sync {
 pub struct ServiceClient {
     /// The service's name, in logs, metrics and readiness.
     pub service: &'static str,
-    endpoints: Arc<[ServiceEndpoint]>,
+    /// The instances as last listed (by the registry, or the configuration); replaced whole.
+    endpoints: Arc<RwLock<Arc<[ServiceEndpoint]>>>,
     /// Where the next call starts, so calls spread over the instances.
     next: Arc<AtomicUsize>,
     /// How long one call may take, all attempts and pauses included.
@@ -88,32 +89,47 @@ impl fmt::Debug for ServiceClient {
 }
 
 impl ServiceClient {
-    /// A client of the instances at `urls`. Connections are made on first use, so the gateway
-    /// starts while instances are still down.
-    pub fn new(service: &'static str, urls: &[String], budget: Duration) -> anyhow::Result<Self> {
-        anyhow::ensure!(!urls.is_empty(), "at least one {service} endpoint is needed");
-        let endpoints = urls
-            .iter()
-            .map(|url| {
-                let channel = Endpoint::from_shared(url.clone())
-                    .with_context(|| format!("{service} endpoint {url} is not a valid URL"))?
-                    .connect_timeout(CONNECT_TIMEOUT.min(budget))
-                    // Pings find a connection to a vanished instance before a call waits its
-                    // whole budget on it.
-                    .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .connect_lazy();
-                Ok(ServiceEndpoint { url: url.clone(), channel, broken_at: Arc::new(AtomicU64::new(0)) })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self {
+    /// A client of `service` with no instance yet ([`Self::set_endpoints`] lists them). A call
+    /// made before then waits, within its budget, for one.
+    pub fn new(service: &'static str, budget: Duration) -> Self {
+        Self {
             service,
-            endpoints: endpoints.into(),
+            endpoints: Arc::new(RwLock::new(Arc::from(Vec::new()))),
             next: Arc::new(AtomicUsize::new(0)),
             budget,
             epoch: Instant::now(),
             placement: None,
-        })
+        }
+    }
+
+    /// Replaces the instances with those at `urls`. An instance listed before keeps its
+    /// connection (and what the client knows of it); a new one is connected on first use, so a
+    /// call may go to it at once. A URL that is not one is logged and left out.
+    pub fn set_endpoints(&self, urls: &[String]) {
+        let mut endpoints = self.endpoints.write().unwrap_or_else(PoisonError::into_inner);
+        let fresh: Vec<ServiceEndpoint> = urls
+            .iter()
+            .filter_map(|url| {
+                if let Some(known) = endpoints.iter().find(|endpoint| endpoint.url == *url) {
+                    return Some(known.clone());
+                }
+                match connect(self.service, url, self.budget) {
+                    Ok(channel) => {
+                        Some(ServiceEndpoint { url: url.clone(), channel, broken_at: Arc::new(AtomicU64::new(0)) })
+                    }
+                    Err(error) => {
+                        tracing::warn!(service = self.service, error = %format!("{error:#}"), "ignoring an instance");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let urls = |list: &[ServiceEndpoint]| list.iter().map(|endpoint| endpoint.url.clone()).collect::<Vec<_>>();
+        if urls(&endpoints) != urls(&fresh) {
+            tracing::info!(service = self.service, endpoints = ?urls(&fresh), "instances changed");
+            metrics::gauge!("keel_client_instances", "service" => self.service).set(fresh.len() as f64);
+        }
+        *endpoints = fresh.into();
     }
 
     /// Sends calls about one aggregate ([`Self::send_to`]) to its partition's writer first.
@@ -122,9 +138,9 @@ impl ServiceClient {
         self
     }
 
-    /// Every instance, in configuration order.
-    pub fn endpoints(&self) -> &[ServiceEndpoint] {
-        &self.endpoints
+    /// Every instance, as last listed.
+    pub fn endpoints(&self) -> Arc<[ServiceEndpoint]> {
+        self.endpoints.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Sends `request` with `call` (which makes the typed client from a channel), failing over
@@ -143,12 +159,13 @@ impl ServiceClient {
         Reply: Future<Output = Result<tonic::Response<Answer>, Status>>,
     {
         let owner = route.and_then(|(topic, aggregate)| self.placement.as_ref()?.endpoint_of(topic, aggregate));
-        let start = match owner.and_then(|owner| self.endpoints.iter().position(|endpoint| endpoint.url == owner)) {
+        let endpoints = self.endpoints();
+        let start = match owner.and_then(|owner| endpoints.iter().position(|endpoint| endpoint.url == owner)) {
             Some(index) => {
                 metrics::counter!("keel_client_routed_calls_total", "service" => self.service).increment(1);
                 index
             }
-            None => self.start(),
+            None => self.start(&endpoints),
         };
         let attempt = |endpoint: &ServiceEndpoint, remaining: Duration| {
             let mut request = tonic::Request::new(request.clone());
@@ -166,20 +183,22 @@ impl ServiceClient {
                 outcome
             }
         };
-        with_failover(self.service, rpc, &self.endpoints, start, self.budget, |endpoint| endpoint.url.as_str(), attempt)
-            .await
+        let current = || self.endpoints();
+        with_failover(self.service, rpc, current, start, self.budget, |endpoint| endpoint.url.as_str(), attempt).await
     }
 }
 
-/// Sends one request to `targets`, starting at `start` and moving on to the next target after
-/// each retryable failure, until an answer is final or `budget` is spent.
+/// Sends one request to the targets `current` lists (read again before each attempt, so an
+/// instance that joins mid-call can take a retry), starting at `start` and moving on to the next
+/// target after each retryable failure, until an answer is final or `budget` is spent. While no
+/// target is listed, it waits as after a failure.
 ///
 /// Out of budget while an attempt is in flight, the answer is DEADLINE_EXCEEDED; out of budget
 /// between attempts, UNAVAILABLE (the outcome is unknown, whatever the last failure was).
 async fn with_failover<Target, Reply, Attempt, Outcome>(
     service: &'static str,
     rpc: &'static str,
-    targets: &[Target],
+    current: impl Fn() -> Arc<[Target]>,
     start: usize,
     budget: Duration,
     name: impl Fn(&Target) -> &str,
@@ -191,30 +210,38 @@ where
 {
     let deadline = Instant::now() + budget;
     let mut backoff = FIRST_BACKOFF;
-    for index in (0..targets.len()).cycle().skip(start % targets.len().max(1)) {
-        let target = &targets[index];
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let status = match tokio::time::timeout(remaining, attempt(target, remaining)).await {
-            Ok(Ok(reply)) => return Ok(reply),
-            Ok(Err(status)) => status,
-            Err(_) => {
-                tracing::warn!(service, rpc, endpoint = name(target), budget_ms = budget.as_millis(), "call timed out");
-                return Err(Status::deadline_exceeded("the service did not answer in time"));
+    let mut index = start;
+    loop {
+        let targets = current();
+        let status = match targets.get(index % targets.len().max(1)) {
+            None => Status::unavailable(format!("no instance of {service} is known yet")),
+            Some(target) => {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(remaining, attempt(target, remaining)).await {
+                    Ok(Ok(reply)) => return Ok(reply),
+                    Ok(Err(status)) => status,
+                    Err(_) => {
+                        let endpoint = name(target);
+                        tracing::warn!(service, rpc, endpoint, budget_ms = budget.as_millis(), "call timed out");
+                        return Err(Status::deadline_exceeded("the service did not answer in time"));
+                    }
+                }
             }
         };
+        let endpoint = targets.get(index % targets.len().max(1)).map_or("none", |target| name(target));
         if !is_retryable(&status) {
             return Err(status);
         }
         // A retry that could not even start before the deadline only delays the answer.
         if deadline.saturating_duration_since(Instant::now()) <= backoff {
-            tracing::warn!(service, rpc, endpoint = name(target), code = ?status.code(), message = status.message(), "call failed and its budget is spent");
+            tracing::warn!(service, rpc, endpoint, code = ?status.code(), message = status.message(), "call failed and its budget is spent");
             // Whatever the last failure was, the outcome is unknown and a retry is safe.
             return Err(Status::unavailable("the service is unavailable; retry with the same command id"));
         }
         tracing::info!(
             service,
             rpc,
-            endpoint = name(target),
+            endpoint,
             code = ?status.code(),
             message = status.message(),
             backoff_ms = backoff.as_millis(),
@@ -229,9 +256,21 @@ where
         .increment(1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+        index = index.wrapping_add(1);
     }
-    // Only reached with no targets, which the constructor refuses.
-    Err(Status::unavailable("no endpoint is configured"))
+}
+
+/// A channel to the instance at `url`, connected on first use (so a caller starts while the
+/// instance is still down).
+fn connect(service: &str, url: &str, budget: Duration) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("{service} endpoint {url} is not a valid URL"))?
+        .connect_timeout(CONNECT_TIMEOUT.min(budget))
+        // Pings find a connection to a vanished instance before a call waits its whole budget on
+        // it.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
 }
 
 impl ServiceClient {
@@ -239,16 +278,16 @@ impl ServiceClient {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The next instance in turn whose connection did not break lately, or the next in turn.
-    fn start(&self) -> usize {
-        let count = self.endpoints.len();
+    /// The next of `endpoints` in turn whose connection did not break lately, or the next in turn.
+    fn start(&self, endpoints: &[ServiceEndpoint]) -> usize {
+        let count = endpoints.len().max(1);
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         let now = self.millis();
         let healthy = |index: &usize| {
-            let broken_at = self.endpoints[*index].broken_at.load(Ordering::Relaxed);
+            let broken_at = endpoints[*index].broken_at.load(Ordering::Relaxed);
             broken_at == 0 || now.saturating_sub(broken_at) > TRY_LAST_FOR.as_millis() as u64
         };
-        (0..count).map(|offset| (first + offset) % count).find(healthy).unwrap_or(first % count)
+        (0..endpoints.len()).map(|offset| (first + offset) % count).find(healthy).unwrap_or(first % count)
     }
 }
 
@@ -314,11 +353,11 @@ mod tests {
         }
 
         async fn run(&self, targets: usize, start: usize, budget: Duration) -> Result<&'static str, Code> {
-            let targets: Vec<usize> = (0..targets).collect();
+            let targets: Arc<[usize]> = (0..targets).collect();
             with_failover(
                 "test",
                 "Test",
-                &targets,
+                || targets.clone(),
                 start,
                 budget,
                 |_| "target",
@@ -398,12 +437,73 @@ mod tests {
     #[tokio::test]
     async fn an_instance_whose_connection_broke_is_tried_last_for_a_while() {
         let urls = ["http://127.0.0.1:1".to_owned(), "http://127.0.0.1:2".to_owned()];
-        let client = ServiceClient::new("identity", &urls, Duration::from_secs(1)).unwrap();
-        assert_eq!((client.start(), client.start()), (0, 1), "round robin");
-        client.endpoints[0].broken_at.store(client.millis().max(1), Ordering::Relaxed);
-        assert_eq!((client.start(), client.start(), client.start()), (1, 1, 1));
-        client.endpoints[1].broken_at.store(client.millis().max(1), Ordering::Relaxed);
-        assert_eq!((client.start(), client.start()), (1, 0), "all broken: round robin again");
+        let client = ServiceClient::new("identity", Duration::from_secs(1));
+        client.set_endpoints(&urls);
+        let endpoints = client.endpoints();
+        let start = || client.start(&endpoints);
+        assert_eq!((start(), start()), (0, 1), "round robin");
+        endpoints[0].broken_at.store(client.millis().max(1), Ordering::Relaxed);
+        assert_eq!((start(), start(), start()), (1, 1, 1));
+        endpoints[1].broken_at.store(client.millis().max(1), Ordering::Relaxed);
+        assert_eq!((start(), start()), (1, 0), "all broken: round robin again");
+    }
+
+    #[tokio::test]
+    async fn a_new_list_keeps_what_is_known_of_the_instances_it_still_has() {
+        let client = ServiceClient::new("identity", Duration::from_secs(1));
+        assert!(client.endpoints().is_empty());
+        client.set_endpoints(&["http://127.0.0.1:1".to_owned(), "http://127.0.0.1:2".to_owned()]);
+        client.endpoints()[1].broken_at.store(7, Ordering::Relaxed);
+        client.set_endpoints(&[
+            "http://127.0.0.1:2".to_owned(),
+            "not a url".to_owned(),
+            "http://127.0.0.1:3".to_owned(),
+        ]);
+        let endpoints = client.endpoints();
+        let urls: Vec<&str> = endpoints.iter().map(|endpoint| endpoint.url.as_str()).collect();
+        assert_eq!(urls, ["http://127.0.0.1:2", "http://127.0.0.1:3"], "an invalid URL is left out");
+        assert_eq!(endpoints[0].broken_at.load(Ordering::Relaxed), 7, "the same instance, not a new connection");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_waits_for_an_instance_to_be_listed() {
+        let listed: Mutex<Arc<[usize]>> = Mutex::new(Arc::from(Vec::new()));
+        let attempts = Mutex::new(0);
+        let outcome = with_failover(
+            "test",
+            "Test",
+            || {
+                let mut listed = listed.lock().unwrap();
+                *attempts.lock().unwrap() += 1;
+                // Listed from the third look on.
+                if *attempts.lock().unwrap() == 3 {
+                    *listed = Arc::from(vec![5]);
+                }
+                listed.clone()
+            },
+            0,
+            Duration::from_secs(10),
+            |_| "target",
+            |target, _| {
+                let target = *target;
+                async move { Ok::<_, Status>(target) }
+            },
+        )
+        .await;
+        assert_eq!(outcome.unwrap(), 5);
+        assert_eq!(*attempts.lock().unwrap(), 3);
+        let nothing: Arc<[usize]> = Arc::from(Vec::new());
+        let outcome = with_failover(
+            "test",
+            "Test",
+            || nothing.clone(),
+            0,
+            Duration::from_secs(1),
+            |_| "t",
+            |_, _| async { Ok::<_, Status>(()) },
+        )
+        .await;
+        assert_eq!(outcome.unwrap_err().code(), Code::Unavailable, "no instance within the budget");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Panic recovery on a service's gRPC server: a call whose handler panics is answered INTERNAL
 //! and counted (`keel_grpc_panics_total{service}`), and the instance goes on serving every other
-//! call — as the gateway does for HTTP.
+//! call — as the gateway does for HTTP. Every call is counted too
+//! (`keel_grpc_requests_total{service,kind}`, kind `call`, `health` or `reflection`), so an
+//! operator sees which instances take traffic.
 
 use std::{
     panic::AssertUnwindSafe,
@@ -52,6 +54,7 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let service = self.service;
         let path = request.uri().path().to_owned();
+        metrics::counter!("keel_grpc_requests_total", "service" => service, "kind" => kind(&path)).increment(1);
         let call = std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request)));
         Box::pin(async move {
             let outcome = match call {
@@ -69,6 +72,17 @@ where
                 Ok(Status::internal("internal error").into_http())
             })
         })
+    }
+}
+
+/// What a call is, by its path: a bounded label whatever paths clients send.
+fn kind(path: &str) -> &'static str {
+    if path.starts_with("/grpc.health.") {
+        "health"
+    } else if path.starts_with("/grpc.reflection.") {
+        "reflection"
+    } else {
+        "call"
     }
 }
 

@@ -5,8 +5,10 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use keel_clients::ServiceClient;
+use keel_discovery::{Discovery, Partitions};
 use keel_runtime::postgres::DatabaseCheck;
-use keel_runtime::{ConfigError, Health, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure, lifecycle::Phase};
+use keel_runtime::{ConfigError, KafkaConfig, Lifecycle, ReadinessCheck, config::ensure, lifecycle::Phase};
 use keel_topics::{
     PersonalDataConfig, RegistryCheck, SchemaRegistryCodec, TopicNames, Vault, kafka, wakeups::Announcer,
 };
@@ -161,6 +163,17 @@ pub struct ServiceContext<'a> {
     pub lifecycle: &'a mut Lifecycle,
     pub grpc_listener: TcpListener,
     pub admin_listener: TcpListener,
+    /// Where the services it calls are.
+    pub discovery: &'a Discovery,
+}
+
+/// What a started command service registers: where callers reach it and what it writes.
+pub struct Started {
+    /// Its gRPC endpoint as others reach it.
+    pub endpoint: String,
+    pub admin: SocketAddr,
+    /// The partitions it writes, as the group assigns them.
+    pub partitions: Partitions,
 }
 
 /// A command service: its configuration section, its aggregates and its gRPC surface. The
@@ -181,7 +194,7 @@ pub trait CommandService {
 }
 
 /// Starts the command service `S` from its section and what the composition root opened.
-pub async fn start<S: CommandService>(config: &S::Config, context: ServiceContext<'_>) -> anyhow::Result<()> {
+pub async fn start<S: CommandService>(config: &S::Config, context: ServiceContext<'_>) -> anyhow::Result<Started> {
     let mut service = ServiceBuilder::new(S::NAME, config.service(), context)?;
     let routes = S::build(config, &mut service).await?;
     service.serve(routes)
@@ -201,12 +214,21 @@ pub struct ServiceBuilder<'a> {
     checks: Vec<Arc<dyn ReadinessCheck>>,
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
+    discovery: Discovery,
 }
 
 impl<'a> ServiceBuilder<'a> {
     fn new(name: &'static str, settings: ServiceSettings, context: ServiceContext<'a>) -> anyhow::Result<Self> {
-        let ServiceContext { kafka, registry_url, personal_data, pool, lifecycle, grpc_listener, admin_listener } =
-            context;
+        let ServiceContext {
+            kafka,
+            registry_url,
+            personal_data,
+            pool,
+            lifecycle,
+            grpc_listener,
+            admin_listener,
+            discovery,
+        } = context;
         let names = TopicNames::new(kafka.topic_prefix.clone());
         let endpoint = settings.endpoint(name, grpc_listener.local_addr()?)?;
         let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
@@ -225,8 +247,20 @@ impl<'a> ServiceBuilder<'a> {
             settings: settings.engine_settings(),
             announcer,
             producers: Arc::new(CommitProducers::new(kafka, settings.producers)?),
+            partitions: Partitions::default(),
         };
-        Ok(Self { name, settings, names, context, vault, lifecycle, checks, grpc_listener, admin_listener })
+        Ok(Self {
+            name,
+            settings,
+            names,
+            context,
+            vault,
+            lifecycle,
+            checks,
+            grpc_listener,
+            admin_listener,
+            discovery: discovery.clone(),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -249,6 +283,12 @@ impl<'a> ServiceBuilder<'a> {
     /// Channels to the other instances of this service, for calls to forward.
     pub fn peers(&self) -> Peers {
         Peers::new(self.name, self.settings.command_timeout())
+    }
+
+    /// A client of another service, over its instances as discovery lists them.
+    pub fn client(&mut self, service: &'static str) -> ServiceClient {
+        let budget = self.settings.command_timeout();
+        self.discovery.client(service, budget, self.lifecycle)
     }
 
     /// Where this instance's own gRPC server listens (for calls it makes to itself).
@@ -274,8 +314,13 @@ impl<'a> ServiceBuilder<'a> {
 
     /// Starts the admin endpoints and the gRPC server for `routes`, with gRPC health, gRPC
     /// reflection (`grpcurl -plaintext <address> list`) and panic recovery.
-    fn serve(self, routes: tonic::service::Routes) -> anyhow::Result<()> {
-        let health = Health::new(self.checks, self.lifecycle.draining());
+    fn serve(self, routes: tonic::service::Routes) -> anyhow::Result<Started> {
+        let started = Started {
+            endpoint: self.context.endpoint.clone(),
+            admin: self.admin_listener.local_addr()?,
+            partitions: self.context.partitions.clone(),
+        };
+        let health = self.lifecycle.make_health(self.checks);
         self.lifecycle.serve_http(self.name, self.admin_listener, keel_runtime::admin::router(health));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
@@ -303,7 +348,7 @@ impl<'a> ServiceBuilder<'a> {
             reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             server.await.with_context(|| format!("{name} gRPC server failed"))
         });
-        Ok(())
+        Ok(started)
     }
 }
 

@@ -30,10 +30,8 @@ pub mod streams;
 mod users;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    collections::HashMap,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -53,6 +51,7 @@ use tonic::transport::Channel;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use keel_clients::{Auth, Authz, Blog, Identity, ServiceClient};
+use keel_discovery::Discovery;
 
 use crate::{
     cache::QueryCache,
@@ -143,12 +142,6 @@ impl Default for QueryCacheConfig {
 pub struct GatewayConfig {
     /// The HTTP listen address.
     pub listen: String,
-    /// Instances of each command service (gRPC). Calls start at a different one each time and
-    /// move on to the next while one is unavailable, so list several for failover.
-    pub identity_endpoints: Vec<String>,
-    pub auth_endpoints: Vec<String>,
-    pub authz_endpoints: Vec<String>,
-    pub blog_endpoints: Vec<String>,
     /// Send each command about one aggregate straight to the instance that writes its partition
     /// (known from `command_owners`). `false`: to any instance in turn, which forwards it to the
     /// owner (one hop more; kept to exercise forwarding).
@@ -176,10 +169,6 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
-            identity_endpoints: vec!["http://127.0.0.1:50051".into()],
-            auth_endpoints: vec!["http://127.0.0.1:50061".into()],
-            authz_endpoints: vec!["http://127.0.0.1:50071".into()],
-            blog_endpoints: vec!["http://127.0.0.1:50081".into()],
             route_commands_to_owners: true,
             max_body_bytes: 64 * 1024,
             command_timeout_ms: 15_000,
@@ -200,17 +189,6 @@ impl GatewayConfig {
         ensure(self.max_body_bytes > 0, "gateway.max_body_bytes", "must be positive")?;
         ensure(self.command_timeout_ms > 0, "gateway.command_timeout_ms", "must be positive")?;
         ensure(self.consistency_timeout_ms <= 60_000, "gateway.consistency_timeout_ms", "must be at most 60000")?;
-        for (key, endpoints) in [
-            ("gateway.identity_endpoints", &self.identity_endpoints),
-            ("gateway.auth_endpoints", &self.auth_endpoints),
-            ("gateway.authz_endpoints", &self.authz_endpoints),
-            ("gateway.blog_endpoints", &self.blog_endpoints),
-        ] {
-            ensure(!endpoints.is_empty(), key, "must name at least one endpoint")?;
-            for endpoint in endpoints {
-                ensure(is_grpc_url(endpoint), key, "every entry must be a URL such as http://127.0.0.1:50051")?;
-            }
-        }
         ensure(self.auth.leeway_secs >= 0, "gateway.auth.leeway_secs", "must not be negative")?;
         self.streams.validate()?;
         ensure(self.auth.jwks_refresh_secs > 0, "gateway.auth.jwks_refresh_secs", "must be positive")?;
@@ -241,14 +219,6 @@ impl GatewayConfig {
     }
 }
 
-/// An absolute http(s) URL: what a tonic endpoint connects to. A bare `host:port` parses as a
-/// URI too, but has no scheme to connect with.
-fn is_grpc_url(text: &str) -> bool {
-    text.parse::<http::Uri>().is_ok_and(|uri| {
-        matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some_and(|host| !host.is_empty())
-    })
-}
-
 /// What handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -270,15 +240,16 @@ pub struct AppState {
     pub openapi: bytes::Bytes,
 }
 
-/// Readiness: at least one instance of a service answers gRPC health checks, since calls fail
-/// over to whichever does. Not critical: a service being down fails the routes that need it
+/// Readiness: at least one instance of a service (as discovery lists them now) answers gRPC
+/// health checks, since calls fail over to whichever does. Not critical: a service being down fails the routes that need it
 /// (503), not the gateway, so `/readyz` says `degraded` for it and stays 200. Which instances answer is the gauge
 /// `keel_gateway_endpoint_up{service,endpoint}`, and a log line when an instance comes or goes;
 /// when none does, the reason names each with its failure.
 struct ServiceCheck {
     client: ServiceClient,
     /// Whether each endpoint answered the last check, to log changes rather than every probe.
-    last_up: Vec<AtomicBool>,
+    /// An endpoint not in it is assumed up, so a healthy start logs nothing.
+    last_up: Mutex<HashMap<String, bool>>,
 }
 
 /// Below the readiness timeout, so one instance that does not answer cannot hide another that
@@ -287,9 +258,7 @@ const ENDPOINT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl ServiceCheck {
     fn new(client: &ServiceClient) -> Self {
-        // Assumed up until a check says otherwise, so a healthy start logs nothing.
-        let last_up = client.endpoints().iter().map(|_| AtomicBool::new(true)).collect();
-        Self { client: client.clone(), last_up }
+        Self { client: client.clone(), last_up: Mutex::default() }
     }
 }
 
@@ -312,12 +281,17 @@ impl ReadinessCheck for ServiceCheck {
         }))
         .await;
         let service = self.client.service;
+        if endpoints.is_empty() {
+            return Err(format!("no {service} instance is registered"));
+        }
         let mut failures = Vec::new();
-        for ((endpoint, outcome), last_up) in endpoints.iter().zip(&outcomes).zip(&self.last_up) {
+        let mut last_up = self.last_up.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        last_up.retain(|url, _| endpoints.iter().any(|endpoint| endpoint.url == *url));
+        for (endpoint, outcome) in endpoints.iter().zip(&outcomes) {
             let up = outcome.is_ok();
             metrics::gauge!("keel_gateway_endpoint_up", "service" => service, "endpoint" => endpoint.url.clone())
                 .set(f64::from(u8::from(up)));
-            if last_up.swap(up, Ordering::Relaxed) != up {
+            if last_up.insert(endpoint.url.clone(), up).unwrap_or(true) != up {
                 match outcome {
                     Ok(()) => tracing::info!(service, endpoint = %endpoint.url, "endpoint is serving"),
                     Err(reason) => {
@@ -416,6 +390,8 @@ pub struct Sources {
     pub projections: Vec<Arc<dyn Projection>>,
     /// Heard on one connection: projection batches (caches) and appended records (streams).
     pub notifications: Notifications,
+    /// Where the command services' instances are.
+    pub discovery: Discovery,
 }
 
 pub async fn start(
@@ -428,17 +404,17 @@ pub async fn start(
     let names = TopicNames::new(sources.kafka.topic_prefix.clone());
     let budget = Duration::from_millis(config.command_timeout_ms);
     let owners = config.route_commands_to_owners.then(|| owners::Owners::new(names.clone()));
-    let client = |service, urls: &[String]| -> anyhow::Result<ServiceClient> {
-        let client = ServiceClient::new(service, urls, budget)?;
-        Ok(match &owners {
+    let mut client = |service| -> ServiceClient {
+        let client = sources.discovery.client(service, budget, lifecycle);
+        match &owners {
             Some(owners) => client.with_placement(Arc::new(owners.clone())),
             None => client,
-        })
+        }
     };
-    let identity = Identity::new(client("identity", &config.identity_endpoints)?);
-    let auth = Auth::new(client("auth", &config.auth_endpoints)?);
-    let authz = Authz::new(client("authz", &config.authz_endpoints)?);
-    let blog = Blog::new(client("blog", &config.blog_endpoints)?);
+    let identity = Identity::new(client("identity"));
+    let auth = Auth::new(client("auth"));
+    let authz = Authz::new(client("authz"));
+    let blog = Blog::new(client("blog"));
     if let Some(owners) = owners {
         let notices = sources.notifications.subscribe(owners::CHANNEL);
         lifecycle.spawn("gateway partition owners", owners.follow(pool.clone(), notices, lifecycle.token()));
@@ -482,7 +458,7 @@ pub async fn start(
         Arc::new(ServiceCheck::new(authz.service())),
         Arc::new(ServiceCheck::new(blog.service())),
     ];
-    let health = Health::new(checks, lifecycle.draining());
+    let health = lifecycle.make_health(checks);
     lifecycle
         .spawn("gateway token keys", tokens.run(Duration::from_secs(config.auth.jwks_refresh_secs), lifecycle.token()));
     let caches = invalidation::Caches { security: security.clone(), posts: posts_cache.clone() };
@@ -521,19 +497,6 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints_must_be_present_and_urls() {
-        assert!(GatewayConfig::default().validate().is_ok());
-        let with = |endpoints: &[&str]| GatewayConfig {
-            identity_endpoints: endpoints.iter().map(|endpoint| (*endpoint).to_owned()).collect(),
-            ..GatewayConfig::default()
-        };
-        assert!(with(&["http://identity-0:50051", "https://identity-1:50051"]).validate().is_ok());
-        for endpoints in [&[][..], &["127.0.0.1:50051"], &["http://a:1", "not a url"], &["ftp://a:1"]] {
-            assert!(with(endpoints).validate().is_err(), "{endpoints:?}");
-        }
-    }
 
     #[test]
     fn limits_must_admit_something() {

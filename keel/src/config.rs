@@ -1,6 +1,7 @@
 //! The whole configuration tree of a Keel installation; each role reads the sections it needs.
 
 use keel_commands::{auth::AuthConfig, authz::AuthzConfig, blog::BlogConfig, identity::IdentityConfig};
+use keel_discovery::DiscoveryConfig;
 use keel_gateway::GatewayConfig;
 use keel_projections::ProjectorConfig;
 use keel_runtime::{ConfigError, DatabaseConfig, KafkaConfig, LogConfig, ShutdownConfig, config::ensure};
@@ -17,6 +18,8 @@ pub struct KeelConfig {
     pub topics: TopicsConfig,
     pub schema_registry: SchemaRegistryConfig,
     pub registry: RegistryConfig,
+    /// Where every role registers and finds the others.
+    pub discovery: DiscoveryConfig,
     pub personal_data: PersonalDataConfig,
     pub identity: IdentityConfig,
     pub auth: AuthConfig,
@@ -73,6 +76,7 @@ impl KeelConfig {
         ensure(self.topics.replication_factor > 0, "topics.replication_factor", "must be positive")?;
         ensure(self.schema_registry.url.starts_with("http"), "schema_registry.url", "must be an http(s) URL")?;
         self.log.validate()?;
+        self.discovery.validate()?;
         self.personal_data.validate()?;
         self.identity.validate()?;
         self.auth.validate()?;

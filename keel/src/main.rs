@@ -70,6 +70,11 @@ enum Command {
     Tail(tail::TailArgs),
     /// Projections: status, rebuilds, dead letters.
     Projections(projections_cli::ProjectionsArgs),
+    /// The running instances the service registry lists (every role, or one).
+    Instances {
+        /// `identity`, `auth`, `authz`, `blog`, `gateway`, `projector` or `schema-registry`.
+        service: Option<String>,
+    },
     /// Benchmarks that print figures (run against the configured broker and database).
     Bench(bench::BenchArgs),
 }

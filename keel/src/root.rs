@@ -1,7 +1,7 @@
 //! What each subcommand does: the composition root of every role, in the bootstrap order of the
 //! design (config → telemetry → dependencies → database → migrations → servers).
 
-use std::{process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use keel_commands::{
@@ -11,7 +11,8 @@ use keel_commands::{
     identity::IdentityService,
     service::{CommandService, ServiceContext, ServiceSection},
 };
-use keel_runtime::{Health, Lifecycle, lifecycle::cancel_on_signal, notifications::Notifications, postgres};
+use keel_discovery::{Discovery, Instance, Partitions};
+use keel_runtime::{Lifecycle, lifecycle::cancel_on_signal, notifications::Notifications, postgres};
 use keel_topics::{TopicNames, Vault, kafka};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -107,6 +108,27 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
         Command::Tail(args) => return crate::tail::run(args, &config).await,
         Command::Projections(args) => return crate::projections_cli::run(args, &config).await,
         Command::Bench(args) => return crate::bench::run(args, &config).await,
+        Command::Instances { service } => {
+            let discovery = Discovery::new(&config.discovery)?;
+            let services: Vec<&str> = match &service {
+                Some(service) => vec![service.as_str()],
+                None => Role::ALL.iter().map(|role| role.service()).collect(),
+            };
+            println!("{} registry", discovery.backend());
+            for service in services {
+                for instance in discovery.list(service).await? {
+                    let partitions: usize = instance.partitions.values().map(std::collections::BTreeSet::len).sum();
+                    println!(
+                        "{}\t{}\tgrpc {}\tadmin {}\tversion {}\t{partitions} partitions",
+                        instance.service,
+                        instance.id,
+                        instance.grpc.as_deref().unwrap_or("-"),
+                        instance.admin.as_deref().unwrap_or("-"),
+                        if instance.version.is_empty() { "-" } else { &instance.version },
+                    );
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -125,6 +147,23 @@ async fn bind(address: &str, what: &str) -> anyhow::Result<TcpListener> {
 pub(crate) const TOOL_CONNECTIONS: u32 = 2;
 
 impl Role {
+    /// The service the role registers as.
+    fn service(self) -> &'static str {
+        match self {
+            Self::Registry => "schema-registry",
+            Self::Identity => "identity",
+            Self::Auth => "auth",
+            Self::Authz => "authz",
+            Self::Blog => "blog",
+            Self::Projector => "projector",
+            Self::Gateway => "gateway",
+        }
+    }
+
+    /// Every role, as the registry names them.
+    const ALL: [Role; 7] =
+        [Self::Registry, Self::Identity, Self::Auth, Self::Authz, Self::Blog, Self::Projector, Self::Gateway];
+
     /// The connections the role's pool needs at most (unless `database.max_connections` says
     /// otherwise): what it does at once, measured under load. A role that listens for
     /// notifications holds one connection more, outside its pool.
@@ -168,13 +207,45 @@ fn listen(
     Ok(notifications)
 }
 
+/// What a started role registers: where it is reached, and what it writes.
+struct Announce {
+    grpc: Option<String>,
+    admin: SocketAddr,
+    partitions: Option<Partitions>,
+}
+
+impl Announce {
+    fn http(admin: &TcpListener) -> anyhow::Result<Self> {
+        Ok(Self { grpc: None, admin: admin.local_addr()?, partitions: None })
+    }
+
+    /// The instance to register. A wildcard admin address is named by the gRPC endpoint's host,
+    /// or else the host name (`HOSTNAME`, as containers set it).
+    fn instance(self, service: &str) -> Instance {
+        let admin = if self.admin.ip().is_unspecified() {
+            let host = self
+                .grpc
+                .as_deref()
+                .and_then(|grpc| grpc.parse::<http::Uri>().ok())
+                .and_then(|uri| uri.host().map(str::to_owned))
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| self.admin.ip().to_string());
+            format!("http://{host}:{}", self.admin.port())
+        } else {
+            format!("http://{}", self.admin)
+        };
+        Instance::new(service, self.grpc, Some(admin))
+    }
+}
+
 /// Starts the command service `S` of `role`: its pool, its two listeners, then the service.
 async fn command_service<S: CommandService>(
     config: &KeelConfig,
     section: &S::Config,
     role: Role,
     lifecycle: &mut Lifecycle,
-) -> anyhow::Result<()> {
+    discovery: &Discovery,
+) -> anyhow::Result<Announce> {
     let pool = database(config, role, lifecycle).await?;
     let settings = section.service();
     let grpc_listener = bind(&settings.grpc_listen, &format!("{} gRPC", S::NAME)).await?;
@@ -187,36 +258,50 @@ async fn command_service<S: CommandService>(
         lifecycle,
         grpc_listener,
         admin_listener,
+        discovery,
     };
-    keel_commands::service::start::<S>(section, context).await
+    let started = keel_commands::service::start::<S>(section, context).await?;
+    Ok(Announce { grpc: Some(started.endpoint), admin: started.admin, partitions: Some(started.partitions) })
 }
 
 async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let mut lifecycle = Lifecycle::new(shutdown.clone(), Duration::from_millis(config.shutdown.grace_period_ms));
+    lifecycle.set_drain_delay(Duration::from_millis(config.shutdown.drain_delay_ms));
     let role_name = format!("{role:?}").to_lowercase();
     tracing::info!(role = %role_name, version = env!("CARGO_PKG_VERSION"), "starting");
+    let discovery = Discovery::new(&config.discovery)?;
+    lifecycle.add_check(discovery.check());
     let started = async {
-        match role {
+        let announce = match role {
             Role::Registry => {
                 let pool = database(config, Role::Registry, &mut lifecycle).await?;
                 let listener = bind(&config.registry.listen, "registry").await?;
+                let announce = Announce::http(&listener)?;
                 let checks: Vec<std::sync::Arc<dyn keel_runtime::ReadinessCheck>> =
                     vec![std::sync::Arc::new(postgres::DatabaseCheck(pool.clone()))];
                 let router = keel_registry::router(keel_registry::PgSchemaStore::new(pool))
-                    .merge(keel_runtime::admin::router(Health::new(checks, lifecycle.draining())));
+                    .merge(keel_runtime::admin::router(lifecycle.make_health(checks)));
                 lifecycle.serve_http("registry-http", listener, router);
+                announce
             }
             Role::Identity => {
-                command_service::<IdentityService>(config, &config.identity, Role::Identity, &mut lifecycle).await?
+                command_service::<IdentityService>(config, &config.identity, role, &mut lifecycle, &discovery).await?
             }
-            Role::Auth => command_service::<AuthService>(config, &config.auth, Role::Auth, &mut lifecycle).await?,
-            Role::Authz => command_service::<AuthzService>(config, &config.authz, Role::Authz, &mut lifecycle).await?,
-            Role::Blog => command_service::<BlogService>(config, &config.blog, Role::Blog, &mut lifecycle).await?,
+            Role::Auth => {
+                command_service::<AuthService>(config, &config.auth, role, &mut lifecycle, &discovery).await?
+            }
+            Role::Authz => {
+                command_service::<AuthzService>(config, &config.authz, role, &mut lifecycle, &discovery).await?
+            }
+            Role::Blog => {
+                command_service::<BlogService>(config, &config.blog, role, &mut lifecycle, &discovery).await?
+            }
             Role::Projector => {
                 let pool = database(config, Role::Projector, &mut lifecycle).await?;
                 let admin = bind(&config.projector.admin_listen, "projector admin").await?;
+                let announce = Announce::http(&admin)?;
                 let notifications = listen(config, &mut lifecycle, "projector", &[keel_topics::wakeups::CHANNEL])?;
                 let projections = keel_read_models::catalogue(Vault::new(pool.clone(), &config.personal_data)?);
                 let projector = keel_projections::Projector::new(
@@ -228,10 +313,12 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                     notifications,
                 )?;
                 keel_projections::start(projector, &mut lifecycle, admin).await?;
+                announce
             }
             Role::Gateway => {
                 let pool = database(config, Role::Gateway, &mut lifecycle).await?;
                 let listener = bind(&config.gateway.listen, "gateway").await?;
+                let announce = Announce::http(&listener)?;
                 let channels = [
                     keel_topics::wakeups::CHANNEL,
                     keel_topics::APPLIED_CHANNEL,
@@ -243,10 +330,16 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
                     registry_url: config.schema_registry.url.clone(),
                     projections: keel_read_models::catalogue(Vault::new(pool.clone(), &config.personal_data)?),
                     notifications: listen(config, &mut lifecycle, "gateway", &channels)?,
+                    discovery: discovery.clone(),
                 };
                 keel_gateway::start(&config.gateway, sources, pool, &mut lifecycle, listener).await?;
+                announce
             }
-        }
+        };
+        // Registered once ready, withdrawn first thing on shutdown.
+        let Announce { partitions, .. } = &announce;
+        let partitions = partitions.clone();
+        discovery.register(announce.instance(role.service()), partitions, &mut lifecycle);
         anyhow::Ok(())
     };
     tokio::select! {

@@ -22,7 +22,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use keel_runtime::notifications::Notifications;
-use keel_runtime::{Health, KafkaConfig, Lifecycle, ReadinessCheck, postgres::DatabaseCheck};
+use keel_runtime::{KafkaConfig, Lifecycle, ReadinessCheck, postgres::DatabaseCheck};
 use keel_topics::{RegistryCheck, SchemaRegistryCodec, TopicNames, kafka::BrokerCheck};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -311,7 +311,7 @@ pub async fn start(projector: Projector, lifecycle: &mut Lifecycle, admin_listen
         Arc::new(BrokerCheck::new(&projector.kafka)?),
         Arc::new(RegistryCheck::new(&projector.registry_url)?),
     ];
-    let admin = keel_runtime::admin::router(Health::new(checks, lifecycle.draining()))
+    let admin = keel_runtime::admin::router(lifecycle.make_health(checks))
         .merge(Router::new().route("/admin/projections", get(admin_projections)).with_state(projector.clone()));
     lifecycle.serve_http("projector-admin", admin_listener, admin);
     lifecycle.spawn("projector", projector.clone().supervise(lifecycle.token()));

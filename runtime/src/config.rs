@@ -205,11 +205,15 @@ impl LogConfig {
 pub struct ShutdownConfig {
     /// How long in-flight work may take to drain after SIGTERM before it is aborted.
     pub grace_period_ms: u64,
+    /// After deregistering, how long a stopping role keeps serving before its servers stop
+    /// accepting: the time its callers take to notice (etcd watchers: milliseconds; Kubernetes
+    /// endpoints: seconds).
+    pub drain_delay_ms: u64,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { grace_period_ms: 10_000 }
+        Self { grace_period_ms: 10_000, drain_delay_ms: 500 }
     }
 }
 

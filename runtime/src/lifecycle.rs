@@ -1,14 +1,17 @@
-//! One shutdown path, in the platform's order: a signal (or a failed task) → not ready → the HTTP
-//! servers stop accepting and drain → the gRPC servers → the workers → the stop hooks (pools
+//! One shutdown path, in the platform's order: a signal (or a failed task) → not ready →
+//! deregistered from service discovery, then a pause (the drain delay) while callers stop sending
+//! → the HTTP servers stop accepting and drain → the gRPC servers → the workers → the stop hooks (pools
 //! closed, producers flushed) → exit. Each phase is bounded by what is left of the grace period
 //! and logged with its duration; what has not stopped when it runs out is aborted. A second
 //! signal exits at once.
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::{Context, anyhow};
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
+
+use crate::{Health, ReadinessCheck};
 
 /// What stops together, in the order they stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +55,55 @@ pub struct Lifecycle {
     /// Per phase, the token that stops its tasks, and its tasks.
     phases: [(CancellationToken, Task); 3],
     hooks: Vec<Hook>,
+    /// Run first on shutdown, while every server still serves (deregistration).
+    drain_hooks: Vec<Hook>,
+    /// After the drain hooks: how long callers get to notice before the servers stop accepting.
+    drain_delay: Duration,
     grace: Duration,
+    /// Checks every role adds to its own ([`Self::add_check`]).
+    checks: Vec<Arc<dyn ReadinessCheck>>,
+    /// The role's health, once it has made it ([`Self::make_health`]).
+    health: Option<Health>,
 }
 
 impl Lifecycle {
     /// `draining` is the role's shutdown signal ([`cancel_on_signal`]).
     pub fn new(draining: CancellationToken, grace: Duration) -> Self {
         let phase = || (CancellationToken::new(), JoinSet::new());
-        Self { draining, phases: [phase(), phase(), phase()], hooks: Vec::new(), grace }
+        Self {
+            draining,
+            phases: [phase(), phase(), phase()],
+            hooks: Vec::new(),
+            drain_hooks: Vec::new(),
+            drain_delay: Duration::ZERO,
+            grace,
+            checks: Vec::new(),
+            health: None,
+        }
+    }
+
+    /// How long the role keeps serving after it deregistered (within the grace period), so that
+    /// callers that learn of it late still find it serving.
+    pub fn set_drain_delay(&mut self, delay: Duration) {
+        self.drain_delay = delay;
+    }
+
+    /// A readiness check for the role's health besides its own ([`Self::make_health`]).
+    pub fn add_check(&mut self, check: Arc<dyn ReadinessCheck>) {
+        self.checks.push(check);
+    }
+
+    /// The role's health: its `checks` and those added with [`Self::add_check`].
+    pub fn make_health(&mut self, mut checks: Vec<Arc<dyn ReadinessCheck>>) -> Health {
+        checks.extend(self.checks.iter().cloned());
+        let health = Health::new(checks, self.draining());
+        self.health = Some(health.clone());
+        health
+    }
+
+    /// The role's health, if it has made it.
+    pub fn health(&self) -> Option<Health> {
+        self.health.clone()
     }
 
     /// Cancelled as soon as shutdown begins: readiness turns 503, streams end with their resume
@@ -106,6 +150,15 @@ impl Lifecycle {
         self.hooks.push((name.into(), Box::pin(hook)));
     }
 
+    /// Runs `hook` as soon as shutdown begins, before any server stops (deregister), in the order
+    /// the hooks were added; the drain delay follows.
+    pub fn on_drain<F>(&mut self, name: impl Into<String>, hook: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.drain_hooks.push((name.into(), Box::pin(hook)));
+    }
+
     /// Serves `router` on `listener` until the HTTP phase, then drains in-flight requests.
     pub fn serve_http(&mut self, name: &'static str, listener: TcpListener, router: axum::Router) {
         let token = self.phase_token(Phase::Http);
@@ -129,6 +182,19 @@ impl Lifecycle {
         };
         let deadline = Instant::now() + self.grace;
         tracing::info!(grace_ms = self.grace.as_millis() as u64, "shutting down: not ready");
+        let started = Instant::now();
+        for (name, hook) in std::mem::take(&mut self.drain_hooks) {
+            if tokio::time::timeout_at(deadline, hook).await.is_err() {
+                tracing::warn!(hook = %name, "grace period over during a drain hook");
+            }
+        }
+        tokio::time::sleep_until(deadline.min(Instant::now() + self.drain_delay)).await;
+        tracing::info!(
+            phase = "deregister",
+            duration_ms = started.elapsed().as_millis() as u64,
+            drain_delay_ms = self.drain_delay.as_millis() as u64,
+            "shutdown phase done"
+        );
         for phase in PHASES {
             let started = Instant::now();
             let (token, tasks) = &mut self.phases[phase.index()];
@@ -215,4 +281,48 @@ pub fn cancel_on_signal(token: CancellationToken) {
         tracing::warn!("a second signal: exiting without finishing the shutdown");
         std::process::exit(130);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    type Steps = Arc<Mutex<Vec<(&'static str, Duration)>>>;
+
+    fn record(steps: &Steps, step: &'static str, started: Instant) {
+        steps.lock().unwrap().push((step, started.elapsed()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_hooks_and_the_drain_delay_come_before_any_server_stops() {
+        let draining = CancellationToken::new();
+        let mut lifecycle = Lifecycle::new(draining.clone(), Duration::from_secs(10));
+        lifecycle.set_drain_delay(Duration::from_millis(500));
+        let steps = Steps::default();
+        let started = Instant::now();
+        let (http, stop_http) = (steps.clone(), lifecycle.phase_token(Phase::Http));
+        lifecycle.spawn_in(Phase::Http, "server", async move {
+            stop_http.cancelled().await;
+            record(&http, "http", started);
+            Ok(())
+        });
+        let (worker, stop_worker) = (steps.clone(), lifecycle.token());
+        lifecycle.spawn("worker", async move {
+            stop_worker.cancelled().await;
+            record(&worker, "workers", started);
+            Ok(())
+        });
+        let hook = steps.clone();
+        lifecycle.on_drain("deregister", async move { record(&hook, "deregister", started) });
+        let hook = steps.clone();
+        lifecycle.on_stop("pool", async move { record(&hook, "hooks", started) });
+        draining.cancel();
+        lifecycle.run().await.unwrap();
+        let steps = steps.lock().unwrap().clone();
+        let names: Vec<&str> = steps.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["deregister", "http", "workers", "hooks"]);
+        assert!(steps[1].1 >= Duration::from_millis(500), "servers stop after the drain delay: {steps:?}");
+    }
 }

@@ -216,6 +216,8 @@ pub struct EngineContext {
     /// Tells readers where partitions end once commits are acknowledged.
     pub announcer: Announcer,
     pub producers: Arc<CommitProducers>,
+    /// The partitions this instance writes, for its registration.
+    pub partitions: keel_discovery::Partitions,
 }
 
 /// The producers the writers of a service instance append with, each replaced when it fails
@@ -347,7 +349,12 @@ impl<M: Model> Engine<M> {
             partitions,
             writers: RwLock::new(HashMap::new()),
             assigned: RwLock::new(None),
-            owners: OwnerDirectory::new(context.pool.clone(), topic, context.endpoint.clone()),
+            owners: OwnerDirectory::new(
+                context.pool.clone(),
+                topic,
+                context.endpoint.clone(),
+                context.partitions.clone(),
+            ),
         })
     }
 

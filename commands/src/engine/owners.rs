@@ -6,6 +6,7 @@
 //! retries, and the next owner's row replaces it.
 
 use anyhow::Context;
+use keel_discovery::Partitions;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -13,6 +14,8 @@ pub struct OwnerDirectory {
     pool: PgPool,
     topic: String,
     endpoint: String,
+    /// What the instance's registration lists.
+    partitions: Partitions,
 }
 
 /// One spell of ownership of a partition; only it can withdraw its own row.
@@ -20,8 +23,8 @@ pub struct OwnerDirectory {
 pub struct Claim(Uuid);
 
 impl OwnerDirectory {
-    pub fn new(pool: PgPool, topic: String, endpoint: String) -> Self {
-        Self { pool, topic, endpoint }
+    pub fn new(pool: PgPool, topic: String, endpoint: String, partitions: Partitions) -> Self {
+        Self { pool, topic, endpoint, partitions }
     }
 
     /// Where this instance takes forwarded commands.
@@ -49,12 +52,14 @@ impl OwnerDirectory {
         .execute(&self.pool)
         .await
         .context("failed to record partition ownership")?;
+        self.partitions.add(&self.topic, partition);
         Ok(claim)
     }
 
     /// Removes the row of `claim`, not a row a newer owner (or a newer spell of this instance's)
     /// wrote meanwhile.
     pub async fn release(&self, partition: i32, claim: Claim) -> anyhow::Result<()> {
+        self.partitions.remove(&self.topic, partition);
         sqlx::query(
             "WITH released AS (
                  DELETE FROM command_owners WHERE topic = $1 AND partition = $2 AND instance = $3 RETURNING 1

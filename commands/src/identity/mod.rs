@@ -8,7 +8,7 @@ mod processes;
 
 use std::{sync::Arc, time::Duration};
 
-use keel_clients::{Auth, ServiceClient};
+use keel_clients::Auth;
 use keel_proto::identity::v1::identity_commands_server::IdentityCommandsServer;
 use keel_runtime::{Secret, config::ensure};
 use tonic::service::Routes;
@@ -35,8 +35,6 @@ crate::command_service_config! {
         /// holder does not hold the address (an interrupted command). Well above
         /// `command_timeout_ms`.
         claim_takeover_secs: u64 = 30,
-        /// Every auth instance: registrations store passwords there, erasures remove them.
-        auth_endpoints: Vec<String> = vec!["http://127.0.0.1:50061".into()],
         /// Test-only: a registration or erasure stops for good between its two steps, so that a
         /// test can kill the instance there. Never set it in production.
         unsafe_pause_between_steps: bool = false,
@@ -56,14 +54,6 @@ impl IdentityConfig {
             "identity.claim_takeover_secs",
             "must be at least twice identity.command_timeout_ms",
         )?;
-        ensure(!self.auth_endpoints.is_empty(), "identity.auth_endpoints", "must name at least one endpoint")?;
-        for endpoint in &self.auth_endpoints {
-            ensure(
-                endpoint.parse::<http::Uri>().is_ok_and(|uri| uri.scheme().is_some() && uri.host().is_some()),
-                "identity.auth_endpoints",
-                "every entry must be a URL such as http://127.0.0.1:50061",
-            )?;
-        }
         Ok(())
     }
 }
@@ -94,7 +84,8 @@ impl CommandService for IdentityService {
             claims: EmailClaims::new(service.pool().clone(), email_key),
             peers: service.peers(),
             takeover_after: Duration::from_secs(config.claim_takeover_secs),
-            auth: Auth::new(ServiceClient::new("auth", &config.auth_endpoints, timeout)?),
+            // Registrations store passwords there, erasures remove them.
+            auth: Auth::new(service.client("auth")),
             processes: Processes::new(service.pool().clone(), service.vault()),
             // Past the command's deadline: a process still claimed then was interrupted.
             process_lease: 2 * timeout,
