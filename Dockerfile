@@ -5,9 +5,10 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
-# rdkafka builds its bundled librdkafka with make and a C compiler.
+# rdkafka builds its bundled librdkafka with make and a C compiler; the etcd client compiles
+# etcd's protos with protoc.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential pkg-config \
+    && apt-get install -y --no-install-recommends build-essential pkg-config protobuf-compiler \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # sqlx's query macros must not need a database while the image builds.
