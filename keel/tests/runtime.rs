@@ -106,6 +106,6 @@ async fn a_role_stops_phase_by_phase_in_the_platform_s_order() {
         .filter(|entry| entry["message"] == "shutdown phase done")
         .map(|entry| entry["phase"].as_str().unwrap_or_default().to_owned())
         .collect();
-    assert_eq!(phases, ["http", "grpc", "workers", "hooks"], "{log}");
+    assert_eq!(phases, ["deregister", "http", "grpc", "workers", "hooks"], "{log}");
     assert!(log.contains("shutting down: not ready"), "{log}");
 }

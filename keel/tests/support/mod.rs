@@ -1,5 +1,6 @@
 //! The real platform for end-to-end tests: a nisshi broker (memory storage, random port), a fresh
-//! PostgreSQL database, and every Keel role as its own `keel` process.
+//! PostgreSQL database, a prefix of its own in etcd (the service registry), and every Keel role as
+//! its own `keel` process.
 
 #![allow(dead_code)]
 
@@ -172,6 +173,11 @@ impl TestDatabase {
     pub async fn create() -> Self {
         let admin_url = std::env::var("KEEL_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        Self::create_on(admin_url).await
+    }
+
+    /// A database on the server `admin_url` names (its `postgres` database).
+    pub async fn create_on(admin_url: String) -> Self {
         let name = format!("keel_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url).await.expect("PostgreSQL runs (scripts/infra ensure)");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
@@ -219,16 +225,21 @@ pub enum Role {
     SecondIdentity,
     /// A second gateway, with its own listen address.
     SecondGateway,
+    /// More command service instances, each with its own gRPC and admin addresses.
+    ThirdIdentity,
+    SecondAuth,
+    SecondAuthz,
+    SecondBlog,
 }
 
 impl Role {
     fn command(self) -> &'static str {
         match self {
             Self::Registry => "registry",
-            Self::Identity | Self::SecondIdentity => "identity",
-            Self::Auth => "auth",
-            Self::Authz => "authz",
-            Self::Blog => "blog",
+            Self::Identity | Self::SecondIdentity | Self::ThirdIdentity => "identity",
+            Self::Auth | Self::SecondAuth => "auth",
+            Self::Authz | Self::SecondAuthz => "authz",
+            Self::Blog | Self::SecondBlog => "blog",
             Self::Projector | Self::SecondProjector => "projector",
             Self::Gateway | Self::SecondGateway => "gateway",
         }
@@ -294,6 +305,19 @@ impl Platform {
     /// [`Self::start_roles`], with `special` started with the environment `extra` besides its own.
     pub async fn start_roles_with(roles: &[Role], special: Role, extra: &[(&str, &str)]) -> Self {
         let mut platform = Self::prepare().await;
+        platform.start_in_order(roles, special, extra).await;
+        platform
+    }
+
+    /// [`Self::start_roles`] on the servers `setup` names.
+    pub async fn start_with(setup: Setup, roles: &[Role]) -> Self {
+        let mut platform = Self::prepare_with(setup).await;
+        platform.start_in_order(roles, Role::Registry, &[]).await;
+        platform
+    }
+
+    async fn start_in_order(&mut self, roles: &[Role], special: Role, extra: &[(&str, &str)]) {
+        let platform = self;
         let (first, rest): (Vec<Role>, Vec<Role>) = roles.iter().partition(|role| **role == Role::Registry);
         for group in [first, rest] {
             for role in &group {
@@ -307,14 +331,22 @@ impl Platform {
                 platform.wait_ready(*role, Duration::from_secs(90)).await;
             }
         }
-        platform
     }
 
     /// Broker, database, migrations and topics; no role runs yet.
     pub async fn prepare() -> Self {
-        let dir = log_dir();
+        Self::prepare_with(Setup::default()).await
+    }
+
+    /// [`Self::prepare`] on servers of the test's own where `setup` names them.
+    pub async fn prepare_with(setup: Setup) -> Self {
+        let dir = setup.dir.unwrap_or_else(log_dir);
         let broker = Broker::start(&dir);
-        let database = TestDatabase::create().await;
+        let database = match setup.postgres_admin_url {
+            Some(admin_url) => TestDatabase::create_on(admin_url).await,
+            None => TestDatabase::create().await,
+        };
+        let etcd = setup.etcd_url.unwrap_or_else(shared_etcd_url);
         let registry = free_port();
         let identity_grpc = free_port();
         let second_identity_grpc = free_port();
@@ -335,6 +367,14 @@ impl Platform {
             ("SECOND_IDENTITY_GRPC_LISTEN", second_identity_grpc),
             ("SECOND_IDENTITY_ADMIN_LISTEN", free_port()),
             ("SECOND_GATEWAY_LISTEN", free_port()),
+            ("THIRD_IDENTITY_GRPC_LISTEN", free_port()),
+            ("THIRD_IDENTITY_ADMIN_LISTEN", free_port()),
+            ("SECOND_AUTH_GRPC_LISTEN", free_port()),
+            ("SECOND_AUTH_ADMIN_LISTEN", free_port()),
+            ("SECOND_AUTHZ_GRPC_LISTEN", free_port()),
+            ("SECOND_AUTHZ_ADMIN_LISTEN", free_port()),
+            ("SECOND_BLOG_GRPC_LISTEN", free_port()),
+            ("SECOND_BLOG_ADMIN_LISTEN", free_port()),
         ];
         let mut env: Vec<(String, String)> =
             ports.iter().map(|(key, port)| ((*key).to_owned(), format!("127.0.0.1:{port}"))).collect();
@@ -343,14 +383,11 @@ impl Platform {
                 ("KEEL_DATABASE__URL", database.url.clone()),
                 ("KEEL_KAFKA__BOOTSTRAP_SERVERS", broker.bootstrap.clone()),
                 ("KEEL_SCHEMA_REGISTRY__URL", format!("http://127.0.0.1:{registry}")),
-                (
-                    "KEEL_GATEWAY__IDENTITY_ENDPOINTS",
-                    format!("http://127.0.0.1:{identity_grpc},http://127.0.0.1:{second_identity_grpc}"),
-                ),
-                ("KEEL_GATEWAY__AUTH_ENDPOINTS", format!("http://127.0.0.1:{auth_grpc}")),
-                ("KEEL_IDENTITY__AUTH_ENDPOINTS", format!("http://127.0.0.1:{auth_grpc}")),
-                ("KEEL_GATEWAY__AUTHZ_ENDPOINTS", format!("http://127.0.0.1:{authz_grpc}")),
-                ("KEEL_GATEWAY__BLOG_ENDPOINTS", format!("http://127.0.0.1:{blog_grpc}")),
+                // Every role registers in etcd and finds the others there, under a prefix of this
+                // platform's own.
+                ("KEEL_DISCOVERY__BACKEND", "etcd".to_owned()),
+                ("KEEL_DISCOVERY__ETCD__ENDPOINTS", etcd),
+                ("KEEL_DISCOVERY__ETCD__PREFIX", format!("/keel-test/{}", uuid::Uuid::new_v4().simple())),
                 ("KEEL_LOG__FORMAT", "json".to_owned()),
                 ("KEEL_SHUTDOWN__GRACE_PERIOD_MS", "10000".to_owned()),
                 // Every role of every platform a test binary runs at once shares one PostgreSQL
@@ -385,7 +422,17 @@ impl Platform {
             (Role::SecondProjector, format!("http://{}", address("SECOND_PROJECTOR_ADMIN_LISTEN"))),
             (Role::SecondIdentity, format!("http://{}", address("SECOND_IDENTITY_ADMIN_LISTEN"))),
             (Role::SecondGateway, format!("http://{}", address("SECOND_GATEWAY_LISTEN"))),
+            (Role::ThirdIdentity, format!("http://{}", address("THIRD_IDENTITY_ADMIN_LISTEN"))),
+            (Role::SecondAuth, format!("http://{}", address("SECOND_AUTH_ADMIN_LISTEN"))),
+            (Role::SecondAuthz, format!("http://{}", address("SECOND_AUTHZ_ADMIN_LISTEN"))),
+            (Role::SecondBlog, format!("http://{}", address("SECOND_BLOG_ADMIN_LISTEN"))),
         ]);
+        let instance = |section: &str, prefix: &str| {
+            vec![
+                (format!("KEEL_{section}__GRPC_LISTEN"), address(&format!("{prefix}_GRPC_LISTEN"))),
+                (format!("KEEL_{section}__ADMIN_LISTEN"), address(&format!("{prefix}_ADMIN_LISTEN"))),
+            ]
+        };
         let overrides = BTreeMap::from([
             (
                 Role::SecondProjector,
@@ -399,8 +446,12 @@ impl Platform {
                 ],
             ),
             (Role::SecondGateway, vec![("KEEL_GATEWAY__LISTEN".to_owned(), address("SECOND_GATEWAY_LISTEN"))]),
+            (Role::ThirdIdentity, instance("IDENTITY", "THIRD_IDENTITY")),
+            (Role::SecondAuth, instance("AUTH", "SECOND_AUTH")),
+            (Role::SecondAuthz, instance("AUTHZ", "SECOND_AUTHZ")),
+            (Role::SecondBlog, instance("BLOG", "SECOND_BLOG")),
         ]);
-        env.retain(|(key, _)| !key.starts_with("SECOND_"));
+        env.retain(|(key, _)| !key.starts_with("SECOND_") && !key.starts_with("THIRD_"));
         let gateway_url = admin_urls[&Role::Gateway].clone();
         let platform =
             Self { dir, broker, database, gateway_url, env, admin_urls, overrides, running: BTreeMap::new() };
@@ -565,6 +616,19 @@ impl Platform {
         self.env.iter().find(|(name, _)| name == key).map(|(_, value)| value.as_str())
     }
 
+    /// The gRPC address (`host:port`) of a command service instance.
+    pub fn grpc_address(&self, role: Role) -> String {
+        let key = format!("KEEL_{}__GRPC_LISTEN", role.command().to_uppercase());
+        let overridden =
+            self.overrides.get(&role).and_then(|overrides| overrides.iter().find(|(name, _)| *name == key));
+        overridden.map(|(_, value)| value.clone()).unwrap_or_else(|| self.setting(&key).unwrap().to_owned())
+    }
+
+    /// Whether `role` runs (was spawned, has not exited, and was not stopped by the test).
+    pub fn is_running(&mut self, role: Role) -> bool {
+        self.running.get_mut(&role).is_some_and(|running| running.child.try_wait().unwrap().is_none())
+    }
+
     pub fn admin_url(&self, role: Role) -> &str {
         &self.admin_urls[&role]
     }
@@ -592,6 +656,187 @@ impl Drop for Platform {
             let _ = running.child.kill();
             let _ = running.child.wait();
         }
+    }
+}
+
+/// Where a platform's servers are, when not the machine's shared ones.
+#[derive(Debug, Default)]
+pub struct Setup {
+    /// The directory for logs (and the test's own servers' data).
+    pub dir: Option<PathBuf>,
+    /// The `postgres` database of a PostgreSQL server of the test's own.
+    pub postgres_admin_url: Option<String>,
+    /// An etcd of the test's own.
+    pub etcd_url: Option<String>,
+}
+
+/// A fresh directory for a test's logs and servers.
+pub fn test_dir() -> PathBuf {
+    log_dir()
+}
+
+/// The machine's etcd (`scripts/infra ensure` starts it), or `KEEL_TEST_ETCD_URL`.
+fn shared_etcd_url() -> String {
+    std::env::var("KEEL_TEST_ETCD_URL").unwrap_or_else(|_| "http://127.0.0.1:2379".to_owned())
+}
+
+/// An etcd server of the test's own (single member, loopback), stopped on drop.
+pub struct Etcd {
+    child: Option<Child>,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    log: PathBuf,
+}
+
+impl Etcd {
+    pub fn start(dir: &Path) -> Self {
+        let mut etcd = Self {
+            child: None,
+            dir: dir.join("etcd"),
+            client_port: free_port(),
+            peer_port: free_port(),
+            log: dir.join("etcd.log"),
+        };
+        etcd.run();
+        etcd
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn run(&mut self) {
+        let (client, peer) = (self.url(), format!("http://127.0.0.1:{}", self.peer_port));
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .stdout(append_log(&self.log))
+            .stderr(append_log(&self.log))
+            .spawn()
+            .expect("etcd is installed (scripts/infra ensure)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.healthy() {
+            assert!(Instant::now() < deadline, "etcd did not start:\n{}", tail(&self.log, 30));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        Command::new("etcdctl")
+            .args(["--endpoints", &self.url(), "--dial-timeout", "1s", "endpoint", "health"])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .is_ok_and(|output| output.status.success())
+    }
+
+    /// SIGKILL: the registry is gone at once.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts it again on the same addresses; `forget`: with an empty data directory, as a
+    /// registry that lost its state (every registration must be made again).
+    pub fn restart(&mut self, forget: bool) {
+        self.kill9();
+        if forget {
+            std::fs::remove_dir_all(&self.dir).unwrap();
+        }
+        self.run();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A PostgreSQL server of the test's own (its own data directory and port), stopped on drop.
+/// Run as the `postgres` user when the test runs as root, since PostgreSQL refuses root.
+pub struct OwnPostgres {
+    dir: PathBuf,
+    pub port: u16,
+    bin: PathBuf,
+    log: PathBuf,
+}
+
+impl OwnPostgres {
+    pub fn start(dir: &Path) -> Self {
+        let versions = std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL is installed");
+        let mut bins: Vec<PathBuf> = versions.filter_map(|entry| Some(entry.ok()?.path().join("bin"))).collect();
+        bins.sort();
+        let bin = bins.pop().expect("a PostgreSQL version");
+        let server = Self { dir: dir.join("postgres"), port: free_port(), bin, log: dir.join("postgres.log") };
+        std::fs::create_dir_all(&server.dir).unwrap();
+        if Self::as_root() {
+            assert!(Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir).status().unwrap().success());
+        }
+        let data = server.dir.to_str().unwrap().to_owned();
+        server.run("initdb", &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"]);
+        server.start_server();
+        server
+    }
+
+    fn as_root() -> bool {
+        Command::new("id").arg("-u").output().is_ok_and(|output| output.stdout == b"0\n")
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let binary = self.bin.join(program);
+        let mut command = if Self::as_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&binary);
+            command
+        } else {
+            Command::new(&binary)
+        };
+        let output = command.args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{program} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start_server(&self) {
+        let data = self.dir.to_str().unwrap().to_owned();
+        let options = format!("-p {} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", self.port);
+        self.run("pg_ctl", &["-D", &data, "-o", &options, "-l", self.log.to_str().unwrap(), "-w", "start"]);
+    }
+
+    /// Stops the server (fast: open connections are cut).
+    pub fn stop_server(&self) {
+        let data = self.dir.to_str().unwrap().to_owned();
+        self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.to_str().unwrap_or_default().to_owned();
+        let binary = self.bin.join("pg_ctl");
+        let mut command = if Self::as_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&binary);
+            command
+        } else {
+            Command::new(&binary)
+        };
+        let _ = command.args(["-D", &data, "-m", "immediate", "-w", "stop"]).output();
     }
 }
 
