@@ -8,6 +8,7 @@ pub mod auth;
 pub mod authz;
 pub mod blog;
 pub mod identity;
+pub mod jobs;
 
 /// Why an input could not become a domain value; the message is safe to show to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
