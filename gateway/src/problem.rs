@@ -138,7 +138,8 @@ impl IntoResponse for Problem {
             headers.insert(name, value);
         }
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
-        if retry_after {
+        // A default for 503 and 429; never over the wait a refusal computed (a rate limit's).
+        if retry_after && !headers.contains_key(header::RETRY_AFTER) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -217,6 +218,16 @@ mod tests {
             assert_eq!(response.headers().contains_key(header::RETRY_AFTER), status == 503, "{code:?}");
         }
         assert_eq!(Problem::from_status(&Status::resource_exhausted("")).kind, "urn:keel:problem:overloaded");
+    }
+
+    #[test]
+    fn a_rate_limit_s_own_wait_is_not_replaced_by_the_default() {
+        let limited = crate::security::too_many(crate::security::ratelimit::Limited {
+            retry_after: std::time::Duration::from_millis(99_500),
+        });
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.headers()[header::RETRY_AFTER], "100");
+        assert_eq!(limited.headers().get_all(header::RETRY_AFTER).iter().count(), 1);
     }
 
     #[test]
