@@ -446,8 +446,12 @@ async fn restart(platform: &mut Platform, role: Role) -> (Duration, f64, f64) {
     platform.wait_ready(role, Duration::from_secs(120)).await;
     let elapsed = started.elapsed();
     let metric = |name: &str| format!("{name}{{topic=\"identity.users\"}}");
-    let loading = platform.metric(role, &metric("keel_command_partition_load_seconds_sum")).await.unwrap_or(0.0);
-    let replayed = platform.metric(role, &metric("keel_command_replayed_records_total")).await.unwrap_or(0.0);
+    // Both are reported once the partitions are loaded, which readiness waits for: a missing
+    // one is a failure, never a zero.
+    let loading = platform.metric(role, &metric("keel_command_partition_load_seconds_sum")).await;
+    let replayed = platform.metric(role, &metric("keel_command_replayed_records_total")).await;
+    let loading = loading.expect("the restarted owner reports how long its partitions took to load");
+    let replayed = replayed.expect("the restarted owner reports how many records it replayed");
     (elapsed, loading, replayed)
 }
 

@@ -213,6 +213,8 @@ async fn read_with_retry(
             Ok(read) => return Some(Item { message, read }),
             Err(error) => {
                 tracing::warn!(error = %format!("{error:#}"), "cannot read a record yet; retrying");
+                metrics::counter!("keel_projector_read_retries_total", "topic" => message.topic().to_owned())
+                    .increment(1);
                 tokio::select! {
                     () = stop.cancelled() => return None,
                     () = tokio::time::sleep(backoff) => {}

@@ -145,6 +145,10 @@ impl Runner {
     /// This version's lane over `partitions`, from its stored checkpoints.
     pub(crate) async fn lane(self: &Arc<Self>, partitions: Vec<PartitionKey>) -> anyhow::Result<Lane> {
         let name = self.projection.name();
+        // Present from the start at 0, so that a reader of `/metrics` tells "nothing skipped"
+        // from "never counted".
+        metrics::counter!("keel_projection_skipped_total", "projection" => name, "reason" => "invalid").increment(0);
+        metrics::counter!("keel_projection_dead_letters_total", "projection" => name).increment(0);
         let mut connection = self.pool.acquire().await.context("failed to connect to the database")?;
         let checkpoints = store::checkpoints(&mut connection, name, self.version).await?;
         drop(connection);

@@ -637,6 +637,18 @@ impl Platform {
         tail(&self.dir.join(format!("{role:?}.log").to_lowercase()), 40)
     }
 
+    /// The sum of every sample of the metric `name` (whatever their labels) on a role's
+    /// `/metrics`, if it has any.
+    pub async fn metric_sum(&self, role: Role, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.admin_url(role))).await.ok()?.text().await.ok()?;
+        let samples: Vec<f64> = text
+            .lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse().ok())
+            .collect();
+        (!samples.is_empty()).then(|| samples.iter().sum())
+    }
+
     /// The value of a metric sample (`name{labels}`) on a role's `/metrics`, if present.
     pub async fn metric(&self, role: Role, sample: &str) -> Option<f64> {
         let text = reqwest::get(format!("{}/metrics", self.admin_url(role))).await.ok()?.text().await.ok()?;
