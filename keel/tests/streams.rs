@@ -139,11 +139,12 @@ async fn a_client_resumes_5000_events_across_three_forced_disconnects_and_sees_e
     let admin = platform.admin(&client).await;
     let writer = platform.signup(&client, "writer@example.com", "Writer").await;
     let gateway = platform.gateway_url.clone();
-    let url = format!("{gateway}/v1/streams/posts?from=earliest");
+    let mut url = format!("{gateway}/v1/streams/posts?from=earliest");
     let mut stream = Subscription::open(&client, &url, &admin.access_token, None).await;
 
     // Writes go through the second gateway, so they go on while the first one is down.
     let second = platform.admin_url(Role::SecondGateway).to_owned();
+    let second_url = format!("{second}/v1/streams/posts?from=earliest");
     let writes = {
         let (client, writer) = (client.clone(), writer.clone());
         tokio::spawn(async move { draft_posts(&client, &second, &writer, EVENTS, "Body.").await })
@@ -172,8 +173,9 @@ async fn a_client_resumes_5000_events_across_three_forced_disconnects_and_sees_e
                 continue;
             }
         }
-        // The forced disconnects: the client drops the connection twice, and the gateway dies
-        // under it once (SIGKILL: no final event), to come back from the audit log.
+        // The forced disconnects: the client drops the connection twice (the second time to
+        // resume on the other gateway, whose hub never saw the first position), and the gateway
+        // dies under it once (SIGKILL: no final event), to come back from the audit log.
         let disconnect_at = [1000, 2500, 4000];
         if disconnect_at.contains(&seen.len()) {
             reconnects += 1;
@@ -183,6 +185,9 @@ async fn a_client_resumes_5000_events_across_three_forced_disconnects_and_sees_e
                 platform.kill9(Role::Gateway);
                 platform.spawn(Role::Gateway);
                 platform.wait_ready(Role::Gateway, Duration::from_secs(90)).await;
+            }
+            if seen.len() == 4000 {
+                url = second_url.clone();
             }
             stream = Subscription::open(&client, &url, &admin.access_token, Some(&last)).await;
         }
