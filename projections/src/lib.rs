@@ -373,4 +373,4 @@ pub async fn resume(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
 
 /// Where the live version of `projection` is in `topic` and the validation state it keeps
 /// there, read in one snapshot (see [`store::live_position`]).
-pub use store::live_position;
+pub use store::{live_position, retired_tables};

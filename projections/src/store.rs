@@ -320,6 +320,30 @@ pub async fn record_error(pool: &PgPool, name: &str, version: i32, error: &str, 
 
 /// Whether `version` of `name` is still being built, holding it so (`FOR SHARE`) until the
 /// transaction ends: a swap waits for the batch.
+/// The physical tables named `table` of `name`'s retired versions that are still kept (for
+/// `projector.retired_grace_secs`): what erases personal data must reach them as well.
+pub async fn retired_tables(connection: &mut PgConnection, name: &str, table: &str) -> anyhow::Result<Vec<String>> {
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT version FROM projection_versions WHERE name = $1 AND state = 'retired'")
+            .bind(name)
+            .fetch_all(&mut *connection)
+            .await
+            .context("failed to read retired projection versions")?;
+    let mut kept = Vec::new();
+    for version in versions {
+        let physical = crate::Tables::new(version).name(table);
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&physical)
+            .fetch_one(&mut *connection)
+            .await
+            .context("failed to look up a retired table")?;
+        if exists {
+            kept.push(physical);
+        }
+    }
+    Ok(kept)
+}
+
 pub async fn is_building(connection: &mut PgConnection, name: &str, version: i32) -> anyhow::Result<bool> {
     let state: Option<String> =
         sqlx::query_scalar("SELECT state FROM projection_versions WHERE name = $1 AND version = $2 FOR SHARE")

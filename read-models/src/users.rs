@@ -201,6 +201,12 @@ impl Projection for UsersProjection {
         upsert_registered(connection, &table, &fold.rows).await?;
         update_changed(connection, &table, &fold.changes).await?;
         erase(connection, &table, &fold.erased).await?;
+        if !fold.erased.is_empty() {
+            // The tables a rebuild replaced are kept for a while; they must forget too.
+            for retired in keel_projections::retired_tables(connection, self.name(), "users").await? {
+                erase(connection, &retired, &fold.erased).await?;
+            }
+        }
         for user in fold.shredded() {
             keel_topics::vault::shred_in(connection, user).await.context("failed to shred a key")?;
             self.vault.forget(user);
