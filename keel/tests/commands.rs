@@ -401,6 +401,65 @@ async fn a_zombie_writer_never_forks_the_state_and_loses_no_acknowledged_command
         .unwrap();
         assert_eq!(found, Some(*version as i64), "the commit at {position} is valid for readers");
     }
+    // If-Match raced across both writers of the user's partition: one of 100 renames decided
+    // against the current version wins, whichever writer decided it; the others are conflicts,
+    // and the log holds the one change.
+    let raced = &ids[0];
+    let current: Value = client
+        .get(format!("{gateway}/v1/users/{raced}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let base = current["version"].as_u64().unwrap();
+    let answers = join_all((0..100).map(|attempt| {
+        let (client, gateway, token) = (client.clone(), gateway.clone(), token.clone());
+        async move {
+            let name = format!("raced {attempt}");
+            let request = || patch(&client, &gateway, &token, raced, Some(base), &name);
+            (name.clone(), until_answered(request, &format!("zombie-race-{attempt}")).await)
+        }
+    }))
+    .await;
+    let winners: Vec<&(String, Answer)> =
+        answers.iter().filter(|(_, answer)| answer.status == StatusCode::OK).collect();
+    assert_eq!(winners.len(), 1, "exactly one rename decided against version {base} wins");
+    assert_eq!(winners[0].1.body["version"], base + 1);
+    for (_, answer) in answers.iter().filter(|(_, answer)| answer.status != StatusCode::OK) {
+        assert_eq!(answer.status, StatusCode::CONFLICT, "{}", answer.body);
+        assert_eq!(answer.body["current_version"], base + 1, "{}", answer.body);
+    }
+    let winner = winners[0].0.clone();
+    let user: Value = eventually(Duration::from_secs(60), "the raced rename in the read model", || async {
+        let user: Value = client
+            .get(format!("{gateway}/v1/users/{raced}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (user["version"] == base + 1).then_some(user)
+    })
+    .await;
+    assert_eq!(user["display_name"], winner.as_str());
+    eventually(Duration::from_secs(60), "one audited change at the raced version", || async {
+        let audited: Vec<i64> = sqlx::query_scalar(
+            "SELECT aggregate_version FROM audit_log WHERE aggregate_id = $1::uuid AND aggregate_version > $2",
+        )
+        .bind(raced)
+        .bind(base as i64 - 1)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        (audited == [base as i64, base as i64 + 1]).then_some(())
+    })
+    .await;
+
     // One email registered at once, through both writers: one user (the reservation decides).
     let registrations = join_all((0..20).map(|attempt| {
         let (client, gateway) = (client.clone(), gateway.clone());
