@@ -66,33 +66,53 @@ fn nisshi_binary() -> PathBuf {
 
 /// A Kafka-API broker on loopback, stopped on drop.
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
     pub bootstrap: String,
     log: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    /// nisshi's storage engine: memory, or a PostgreSQL database (durable across restarts).
+    storage: String,
 }
 
 impl Broker {
+    /// A broker keeping everything in memory.
     pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, "memory://nisshi/".to_owned())
+    }
+
+    /// A broker storing in `storage` (`memory://…` or a `postgres://…?sslmode=disable` URL).
+    pub fn start_on(dir: &Path, storage: String) -> Self {
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
         let log = dir.join("nisshi.log");
+        let mut broker =
+            Self { child: None, bootstrap: format!("127.0.0.1:{port}"), log, dir: dir.to_owned(), port, storage };
+        broker.run();
+        broker
+    }
+
+    fn run(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
         let child = Command::new(nisshi_binary())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://nisshi/",
-            ])
-            .stdout(append_log(&log))
-            .stderr(append_log(&log))
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine"])
+            .arg(&self.storage)
+            // nisshi reads a `.env` file from its working directory: the test's own.
+            .current_dir(&self.dir)
+            .stdout(append_log(&self.log))
+            .stderr(append_log(&self.log))
             .spawn()
             .expect("nisshi is installed (scripts/infra ensure)");
-        let broker = Self { child, bootstrap: format!("127.0.0.1:{port}"), log };
-        broker.wait_until_serving();
-        broker
+        self.child = Some(child);
+        self.wait_until_serving();
+    }
+
+    /// SIGKILL, then the same broker again on the same address and storage.
+    pub fn kill9_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        self.run();
     }
 
     fn wait_until_serving(&self) {
@@ -157,8 +177,10 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -341,7 +363,10 @@ impl Platform {
     /// [`Self::prepare`] on servers of the test's own where `setup` names them.
     pub async fn prepare_with(setup: Setup) -> Self {
         let dir = setup.dir.unwrap_or_else(log_dir);
-        let broker = Broker::start(&dir);
+        let broker = match setup.broker_storage {
+            Some(storage) => Broker::start_on(&dir, storage),
+            None => Broker::start(&dir),
+        };
         let database = match setup.postgres_admin_url {
             Some(admin_url) => TestDatabase::create_on(admin_url).await,
             None => TestDatabase::create().await,
@@ -387,6 +412,10 @@ impl Platform {
                 // platform's own.
                 ("KEEL_DISCOVERY__BACKEND", "etcd".to_owned()),
                 ("KEEL_DISCOVERY__ETCD__ENDPOINTS", etcd),
+                (
+                    "KEEL_GATEWAY__RATE_LIMIT__REDIS_URL",
+                    setup.redis_url.unwrap_or_else(|| "redis://127.0.0.1:6379/".to_owned()),
+                ),
                 ("KEEL_DISCOVERY__ETCD__PREFIX", format!("/keel-test/{}", uuid::Uuid::new_v4().simple())),
                 ("KEEL_LOG__FORMAT", "json".to_owned()),
                 ("KEEL_SHUTDOWN__GRACE_PERIOD_MS", "10000".to_owned()),
@@ -680,6 +709,10 @@ pub struct Setup {
     pub postgres_admin_url: Option<String>,
     /// An etcd of the test's own.
     pub etcd_url: Option<String>,
+    /// The broker's storage engine (default: memory).
+    pub broker_storage: Option<String>,
+    /// The gateways' rate limit store (default: the machine's Redis).
+    pub redis_url: Option<String>,
 }
 
 /// A fresh directory for a test's logs and servers.
@@ -768,6 +801,60 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A Redis server of the test's own (nothing kept on disk), stopped on drop.
+pub struct OwnRedis {
+    child: Option<Child>,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl OwnRedis {
+    pub fn start(dir: &Path) -> Self {
+        let mut redis = Self { child: None, port: free_port(), log: dir.join("redis.log") };
+        redis.start_server();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn start_server(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(append_log(&self.log))
+            .stderr(append_log(&self.log))
+            .spawn()
+            .expect("redis-server is installed (scripts/infra ensure)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.cli(&["ping"]).trim() != "PONG" {
+            assert!(Instant::now() < deadline, "redis did not start:\n{}", tail(&self.log, 20));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: the store is gone at once.
+    pub fn stop_server(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// What `redis-cli ARGS` prints against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop_server();
     }
 }
 
