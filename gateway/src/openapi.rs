@@ -75,9 +75,14 @@ pub fn build(routes: &[RouteSpec]) -> Value {
     })
 }
 
-/// The media type of a response schema: JSON, but for event streams.
+/// The media type of a response schema: JSON, but for event streams and key sets (RFC 7517's
+/// registered type, which the handler sends).
 fn media_type(schema: &str) -> &'static str {
-    if schema == "EventStream" { "text/event-stream" } else { "application/json" }
+    match schema {
+        "EventStream" => "text/event-stream",
+        "Jwks" => "application/jwk-set+json",
+        _ => "application/json",
+    }
 }
 
 fn stream_parameters() -> Vec<Value> {
