@@ -239,3 +239,159 @@ async fn the_schema_registry_killed_under_load_loses_and_doubles_nothing() {
     eprintln!("{} registrations acknowledged across a schema registry kill", ledger.len());
     verify(&platform, &ledger, IDENTITY_ROLES).await;
 }
+
+/// Records no version of Keel wrote, produced into every topic while everything runs: bytes
+/// without a commit envelope, an envelope over an unknown schema id, and an envelope over a
+/// registered schema that is not the topic's. Every reader skips them alike (the projections
+/// dead-letter them), no writer stops serving, and live streams go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_records_in_every_topic_stop_no_reader_and_are_dead_lettered() {
+    use rdkafka::{
+        ClientConfig,
+        producer::{FutureProducer, FutureRecord},
+    };
+
+    let mut roles = IDENTITY_ROLES.to_vec();
+    roles.push(Role::Blog);
+    let platform = Platform::start_roles(&roles).await;
+    let admin = platform.admin(&reqwest::Client::new()).await;
+    let load = Load::start(&platform.gateway_url, 4);
+    load.acknowledges(20, "the load to run").await;
+
+    // A schema the registry knows, which no topic uses.
+    let registry = platform.setting("KEEL_SCHEMA_REGISTRY__URL").unwrap().to_owned();
+    let schema = json!({"type": "record", "name": "Nobody", "namespace": "keel.poison", "fields": [{"name": "x", "type": "string"}]});
+    let registered: Value = reqwest::Client::new()
+        .post(format!("{registry}/subjects/keel-poison-value/versions"))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .json(&json!({"schema": schema.to_string()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let foreign_id = registered["id"].as_u64().expect("the registry gave the schema an id") as u32;
+
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &platform.broker.bootstrap).create().unwrap();
+    let framed = |schema_id: u32, body: &[u8]| {
+        let mut bytes = vec![0_u8];
+        bytes.extend_from_slice(&schema_id.to_be_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    };
+    let mut poison = Vec::new();
+    for topic in keel_topics::Topic::ALL {
+        let name = topic.spec().base_name;
+        let envelope = || {
+            keel_topics::CommitHeader {
+                command_id: uuid::Uuid::new_v4(),
+                aggregate_id: uuid::Uuid::new_v4(),
+                expected_version: 0,
+                occurred_at: chrono::Utc::now(),
+                actor: "poison".into(),
+                correlation_id: uuid::Uuid::new_v4(),
+                causation_id: None,
+                traceparent: None,
+                sealed: false,
+                events: vec![keel_topics::EventMeta {
+                    event_id: uuid::Uuid::new_v4(),
+                    event_type: "Nobody".into(),
+                    schema_version: 1,
+                }],
+            }
+            .to_headers()
+        };
+        // "boo" as Avro: its length (3, zigzag: 6), then the bytes.
+        let kinds: [(Vec<u8>, Option<rdkafka::message::OwnedHeaders>); 3] = [
+            (b"\x00not a record of Keel's".to_vec(), None),
+            (framed(999_999, b"\x06boo"), Some(envelope())),
+            (framed(foreign_id, b"\x06boo"), Some(envelope())),
+        ];
+        for (index, (payload, headers)) in kinds.into_iter().enumerate() {
+            let key = format!("poison-{index}");
+            let mut record = FutureRecord::to(name).key(&key).payload(&payload).partition(index as i32);
+            if let Some(headers) = headers {
+                record = record.headers(headers);
+            }
+            let delivered = producer.send(record, Duration::from_secs(10)).await.map_err(|(error, _)| error).unwrap();
+            poison.push((name.to_owned(), delivered.partition, delivered.offset));
+        }
+    }
+
+    // Writers keep serving every partition, the poisoned ones included.
+    load.acknowledges(50, "the load to go on past the poison").await;
+    // The gateway's stream hub reads the users topic from its start, through the poison, to the
+    // registrations after it.
+    let registered = load.acknowledged();
+    let streamed = streamed_registrations(&platform.gateway_url, &admin.access_token, registered).await;
+    assert!(streamed >= registered, "{streamed} of {registered} registrations streamed");
+    // Every projection that reads a topic dead-letters its poison records, and nothing else.
+    let pool = platform.database.pool().await;
+    let audited = keel_topics::Topic::ALL.len() * 3;
+    eventually(Duration::from_secs(60), "the audit projection to dead-letter every poison record", || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_dead_letters WHERE projection = 'audit'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (count == audited as i64).then_some(())
+    })
+    .await;
+    let dead: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT topic, partition, \"offset\" FROM projection_dead_letters")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for letter in &dead {
+        assert!(poison.contains(letter), "only poison is dead-lettered: {letter:?}");
+    }
+    let ledger = load.finish().await;
+    // The same checks as the other faults, with the poison expected in the dead letters (and the
+    // admin's registration besides the ledger's).
+    let expected = ledger.len() as i64 + 1;
+    assert_eq!(platform.broker.record_count("identity.users"), expected + 3, "the commits and the poison");
+    eventually(Duration::from_secs(60), "every acknowledged registration projected and audited", || async {
+        let projected: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&pool).await.unwrap();
+        let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE event_type = 'UserRegistered'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (projected == expected && audited == expected).then_some(())
+    })
+    .await;
+    let verified = platform.keel_ok(&["audit", "verify"]);
+    assert!(verified.starts_with("audit log intact"), "{verified}");
+    for role in &roles {
+        let url = format!("{}/readyz", platform.admin_url(*role));
+        assert_eq!(reqwest::get(&url).await.unwrap().status(), 200, "{role:?} is ready");
+    }
+}
+
+/// Counts `UserRegistered` events on `/v1/streams/users` from the earliest, until `enough` came.
+async fn streamed_registrations(gateway: &str, token: &str, enough: usize) -> usize {
+    use futures::StreamExt;
+
+    let response = reqwest::Client::new()
+        .get(format!("{gateway}/v1/streams/users?from=earliest"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let (mut text, mut count) = (String::new(), 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while count < enough {
+        let chunk = tokio::time::timeout_at(deadline, body.next()).await;
+        let Ok(Some(Ok(chunk))) = chunk else { break };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find('\n') {
+            let line: String = text.drain(..=end).collect();
+            if line.starts_with("data:") && line.contains("\"UserRegistered\"") {
+                count += 1;
+            }
+        }
+    }
+    count
+}

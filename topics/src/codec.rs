@@ -11,13 +11,16 @@ use apache_avro::{Schema, types::Value};
 use schema_registry_converter::{
     async_impl::{
         avro::{AvroDecoder, AvroEncoder},
-        schema_registry::SrSettings,
+        schema_registry::{SrSettings, get_schema_by_subject},
     },
     error::SRCError,
     schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema},
 };
 
 use crate::catalogue::{Topic, TopicNames};
+
+/// Confluent's error code for a schema id the registry does not have.
+const SCHEMA_NOT_FOUND: &str = "40403";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CodecError {
@@ -77,6 +80,8 @@ pub struct Decoded {
 pub struct SchemaRegistryCodec {
     encoder: Arc<AvroEncoder>,
     decoder: Arc<AvroDecoder>,
+    /// For look-ups outside the encoder's and decoder's caches.
+    settings: Arc<SrSettings>,
     names: TopicNames,
 }
 
@@ -92,6 +97,7 @@ impl SchemaRegistryCodec {
         Ok(Self {
             encoder: Arc::new(AvroEncoder::new(settings()?)),
             decoder: Arc::new(AvroDecoder::new(settings()?)),
+            settings: Arc::new(settings()?),
             names,
         })
     }
@@ -112,6 +118,12 @@ impl SchemaRegistryCodec {
         Ok(schema.id)
     }
 
+    /// Whether the registry serves `topic`'s own value subject right now.
+    async fn serves(&self, topic: Topic) -> bool {
+        let strategy = SubjectNameStrategy::TopicNameStrategy(self.names.name(topic), false);
+        get_schema_by_subject(&self.settings, &strategy).await.is_ok()
+    }
+
     /// Encodes one commit value (a `Value::Record` of the topic's value schema).
     pub async fn encode(&self, topic: Topic, value: Value) -> Result<Vec<u8>, CodecError> {
         Ok(self.encoder.encode_value(value, &self.strategy(topic)).await?)
@@ -120,9 +132,12 @@ impl SchemaRegistryCodec {
     /// Decodes a commit value of `topic`, resolving every event against the reader schema.
     ///
     /// A record is only ever declared unreadable for what it is, never for a registry failure:
-    /// the writer schema is fetched first, and any failure to get it (an unreachable registry, a
-    /// 500, an id it does not know) is retriable. The client caches failed look-ups, so they are
-    /// cleared before the caller retries.
+    /// the writer schema is fetched first, and a failure to get it (an unreachable registry, a
+    /// 500) is retriable. One exception: an id the registry says it never issued (Confluent's
+    /// error 40403) while it serves this topic's own subject — the right registry, up — is a
+    /// record no reader will ever read, and every reader skips it alike (else one such record
+    /// would stop its partition's writer and readers for good). The client caches failed
+    /// look-ups, so they are cleared before the caller retries.
     pub async fn decode(&self, topic: Topic, payload: &[u8]) -> Result<Decoded, CodecError> {
         let id = match payload {
             [0, a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
@@ -130,10 +145,11 @@ impl SchemaRegistryCodec {
         };
         if let Err(error) = self.decoder.get_schema(id).await {
             self.decoder.remove_errors_from_cache();
-            return Err(CodecError::Registry {
-                message: format!("schema {id}: {}", describe(&error)),
-                retriable: true,
-            });
+            let message = format!("schema {id}: {}", describe(&error));
+            if message.contains(SCHEMA_NOT_FOUND) && self.serves(topic).await {
+                return Err(CodecError::Shape(format!("schema id {id} was never issued by the schema registry")));
+            }
+            return Err(CodecError::Registry { message, retriable: true });
         }
         let decoded = self
             .decoder
