@@ -395,3 +395,42 @@ async fn streamed_registrations(gateway: &str, token: &str, enough: usize) -> us
     }
     count
 }
+
+/// A rebuild of the users projection while the load runs, with the projector, a writer and a
+/// gateway each killed while it runs: the rebuild still swaps in, and the new version holds
+/// exactly what the live one does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_survives_the_projector_a_writer_and_a_gateway_killed_under_it() {
+    let mut roles = IDENTITY_ROLES.to_vec();
+    roles.push(Role::SecondGateway);
+    let mut platform = Platform::start_roles(&roles).await;
+    let load = Load::start(&platform.gateway_url, 8);
+    load.acknowledges(300, "a history to rebuild").await;
+
+    let mut rebuild =
+        platform.keel(&["projections", "rebuild", "users"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let killed = [Role::Projector, Role::Identity, Role::Gateway];
+    for role in killed {
+        assert!(rebuild.try_wait().unwrap().is_none(), "{role:?} is killed while the rebuild runs");
+        platform.kill9(role);
+    }
+    for role in killed {
+        platform.spawn(role);
+    }
+    for role in killed {
+        platform.wait_ready(role, Duration::from_secs(90)).await;
+    }
+    let finished = tokio::task::spawn_blocking(move || rebuild.wait_with_output().unwrap()).await.unwrap();
+    let output = String::from_utf8_lossy(&finished.stdout);
+    assert!(finished.status.success() && output.contains("version 2 is live"), "{output}");
+    load.acknowledges(20, "the load to go on after the rebuild").await;
+    let ledger = load.finish().await;
+    eprintln!("{} registrations acknowledged across a rebuild with three kills", ledger.len());
+    verify(&platform, &ledger, &roles).await;
+    let pool = platform.database.pool().await;
+    assert_eq!(
+        support::users_checksum(&pool, "users_v2").await,
+        support::users_checksum(&pool, "users").await,
+        "the live view is version 2"
+    );
+}
