@@ -2,7 +2,8 @@
 //! its ready pods. Kubernetes lists a pod once its readiness probe (`/readyz` on the admin port)
 //! passes and drops it when the probe fails or the pod stops, so an instance registers by being
 //! ready and deregisters by turning not-ready on SIGTERM. Callers resolve the name again every
-//! `resolve_every_ms`.
+//! `resolve_every_ms`. Kubernetes lists a pod by its readiness probe, so registering writes
+//! nothing (the trait's default).
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -69,14 +70,7 @@ impl HeadlessServices {
         addresses.dedup();
         Ok(addresses
             .into_iter()
-            .map(|address| Instance {
-                service: service.to_owned(),
-                id: address.to_string(),
-                grpc: Some(format!("http://{address}")),
-                admin: None,
-                version: String::new(),
-                partitions: BTreeMap::new(),
-            })
+            .map(|address| Instance::listed(service, address.to_string(), format!("http://{address}")))
             .collect())
     }
 }
@@ -84,16 +78,6 @@ impl HeadlessServices {
 impl Backend for HeadlessServices {
     fn name(&self) -> &'static str {
         "kubernetes"
-    }
-
-    /// Kubernetes lists the pod by its readiness probe: nothing to write.
-    fn register(
-        self: Arc<Self>,
-        _instance: watch::Receiver<Instance>,
-        _health: Arc<BackendHealth>,
-        until: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
-        Box::pin(async move { until.cancelled().await })
     }
 
     fn list(&self, service: &str) -> BoxFuture<'_, anyhow::Result<Vec<Instance>>> {

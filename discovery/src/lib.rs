@@ -134,6 +134,19 @@ impl Instance {
             partitions: BTreeMap::new(),
         }
     }
+
+    /// An instance known only by where it serves gRPC (a fixed list, a DNS record): `id` names
+    /// it, nothing else is known.
+    fn listed(service: &str, id: String, grpc: String) -> Self {
+        Self {
+            service: service.to_owned(),
+            id,
+            grpc: Some(grpc),
+            admin: None,
+            version: String::new(),
+            partitions: BTreeMap::new(),
+        }
+    }
 }
 
 /// The partitions an instance writes, by topic: its write paths add and remove them as the group
@@ -170,13 +183,17 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Keeps `instance` registered, publishing it again whenever it changes, until `until` is
-    /// cancelled; then withdraws it. Reports to `health` whether the registry takes it.
+    /// cancelled; then withdraws it. Reports to `health` whether the registry takes it. By
+    /// default there is nothing to write (fixed lists; Kubernetes, which lists a pod by its
+    /// readiness probe).
     fn register(
         self: Arc<Self>,
-        instance: watch::Receiver<Instance>,
-        health: Arc<BackendHealth>,
+        _instance: watch::Receiver<Instance>,
+        _health: Arc<BackendHealth>,
         until: CancellationToken,
-    ) -> BoxFuture<'static, ()>;
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move { until.cancelled().await })
+    }
 
     /// The instances of `service` now.
     fn list(&self, service: &str) -> BoxFuture<'_, anyhow::Result<Vec<Instance>>>;
@@ -401,32 +418,13 @@ struct Static(BTreeMap<String, Vec<String>>);
 impl Static {
     fn instances(&self, service: &str) -> Vec<Instance> {
         let endpoints = self.0.get(service).map(Vec::as_slice).unwrap_or_default();
-        endpoints
-            .iter()
-            .map(|endpoint| Instance {
-                service: service.to_owned(),
-                id: endpoint.clone(),
-                grpc: Some(endpoint.clone()),
-                admin: None,
-                version: String::new(),
-                partitions: BTreeMap::new(),
-            })
-            .collect()
+        endpoints.iter().map(|endpoint| Instance::listed(service, endpoint.clone(), endpoint.clone())).collect()
     }
 }
 
 impl Backend for Static {
     fn name(&self) -> &'static str {
         "static"
-    }
-
-    fn register(
-        self: Arc<Self>,
-        _instance: watch::Receiver<Instance>,
-        _health: Arc<BackendHealth>,
-        until: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
-        Box::pin(async move { until.cancelled().await })
     }
 
     fn list(&self, service: &str) -> BoxFuture<'_, anyhow::Result<Vec<Instance>>> {
