@@ -1,5 +1,6 @@
 //! What each subcommand does: the composition root of every role, in the bootstrap order of the
-//! design (config → telemetry → dependencies → database → migrations → servers).
+//! design (config → telemetry → dependencies → database → migrations → service and servers →
+//! registration in the service registry, once the role is ready).
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
