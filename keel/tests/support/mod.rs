@@ -678,6 +678,19 @@ impl Platform {
         (!samples.is_empty()).then(|| samples.iter().sum())
     }
 
+    /// The projector re-applied nothing and dead-lettered nothing: a checkpoint that moved outside
+    /// its batch's transaction would bring back records the shared rule then skips as applied.
+    /// The counters are present at 0 from the start, so a missing one fails.
+    pub async fn assert_nothing_skipped_or_dead_lettered(&self) {
+        for projection in ["users", "audit"] {
+            let skipped = format!(r#"keel_projection_skipped_total{{projection="{projection}",reason="invalid"}}"#);
+            assert_eq!(self.metric(Role::Projector, &skipped).await, Some(0.0), "{skipped}");
+            let dead = format!(r#"keel_projection_dead_letters_total{{projection="{projection}"}}"#);
+            assert_eq!(self.metric(Role::Projector, &dead).await, Some(0.0), "{dead}");
+        }
+        assert_eq!(self.keel_ok(&["projections", "dlq", "list"]).trim(), "", "no dead letter");
+    }
+
     /// The value of a metric sample (`name{labels}`) on a role's `/metrics`, if present.
     pub async fn metric(&self, role: Role, sample: &str) -> Option<f64> {
         let text = reqwest::get(format!("{}/metrics", self.admin_url(role))).await.ok()?.text().await.ok()?;
