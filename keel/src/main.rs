@@ -107,6 +107,8 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: it clears the socket-activation variables.
+    keel_runtime::listen::inherit_sockets();
     let cli = Cli::parse();
     let config = match ConfigSources::from_process(cli.config.clone()).load::<KeelConfig>() {
         Ok(config) => config,

@@ -13,7 +13,7 @@ use keel_commands::{
     service::{CommandService, ServiceContext, ServiceSection},
 };
 use keel_discovery::{Discovery, Instance, Partitions};
-use keel_runtime::{Lifecycle, lifecycle::cancel_on_signal, notifications::Notifications, postgres};
+use keel_runtime::{Lifecycle, lifecycle::cancel_on_signal, listen, notifications::Notifications, postgres};
 use keel_topics::{TopicNames, Vault, kafka};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -138,12 +138,6 @@ async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("failed to apply migrations")
 }
 
-async fn bind(address: &str, what: &str) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(address).await.with_context(|| format!("failed to bind {what} on {address}"))?;
-    tracing::info!(address = %listener.local_addr()?, what, "listening");
-    Ok(listener)
-}
-
 /// Connections of a command-line tool's pool.
 pub(crate) const TOOL_CONNECTIONS: u32 = 2;
 
@@ -249,8 +243,8 @@ async fn command_service<S: CommandService>(
 ) -> anyhow::Result<Announce> {
     let pool = database(config, role, lifecycle).await?;
     let settings = section.service();
-    let grpc_listener = bind(&settings.grpc_listen, &format!("{} gRPC", S::NAME)).await?;
-    let admin_listener = bind(&settings.admin_listen, &format!("{} admin", S::NAME)).await?;
+    let grpc_listener = listen::bind(&settings.grpc_listen, &format!("{} gRPC", S::NAME)).await?;
+    let admin_listener = listen::bind(&settings.admin_listen, &format!("{} admin", S::NAME)).await?;
     let context = ServiceContext {
         kafka: &config.kafka,
         registry_url: &config.schema_registry.url,
@@ -278,7 +272,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
         let announce = match role {
             Role::Registry => {
                 let pool = database(config, Role::Registry, &mut lifecycle).await?;
-                let listener = bind(&config.registry.listen, "registry").await?;
+                let listener = listen::bind(&config.registry.listen, "registry").await?;
                 let announce = Announce::http(&listener)?;
                 let checks: Vec<std::sync::Arc<dyn keel_runtime::ReadinessCheck>> =
                     vec![std::sync::Arc::new(postgres::DatabaseCheck(pool.clone()))];
@@ -301,7 +295,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
             }
             Role::Projector => {
                 let pool = database(config, Role::Projector, &mut lifecycle).await?;
-                let admin = bind(&config.projector.admin_listen, "projector admin").await?;
+                let admin = listen::bind(&config.projector.admin_listen, "projector admin").await?;
                 let announce = Announce::http(&admin)?;
                 let notifications = listen(config, &mut lifecycle, "projector", &[keel_topics::wakeups::CHANNEL])?;
                 let projections = keel_read_models::catalogue(Vault::new(pool.clone(), &config.personal_data)?);
@@ -318,7 +312,7 @@ async fn serve(role: Role, config: &KeelConfig) -> anyhow::Result<()> {
             }
             Role::Gateway => {
                 let pool = database(config, Role::Gateway, &mut lifecycle).await?;
-                let listener = bind(&config.gateway.listen, "gateway").await?;
+                let listener = listen::bind(&config.gateway.listen, "gateway").await?;
                 let announce = Announce::http(&listener)?;
                 let channels = [
                     keel_topics::wakeups::CHANNEL,

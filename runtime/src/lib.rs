@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod config;
 pub mod lifecycle;
+pub mod listen;
 pub mod notifications;
 pub mod postgres;
 pub mod telemetry;
