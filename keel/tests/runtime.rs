@@ -6,12 +6,14 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Platform, Role, eventually, free_port};
+use support::{Platform, Role, eventually, reserve_port};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_is_503_while_the_database_is_unreachable() {
     let mut platform = Platform::prepare().await;
-    let dead_database = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());
+    // A port reserved for the test, where nothing listens.
+    let nowhere = reserve_port();
+    let dead_database = format!("postgres://postgres@127.0.0.1:{}/nowhere", nowhere.number);
     platform.spawn_with(
         Role::Gateway,
         &[("KEEL_DATABASE__URL", dead_database.as_str()), ("KEEL_DATABASE__MIGRATE_ON_START", "false")],

@@ -21,17 +21,60 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 pub const TOPIC_PARTITIONS: i32 = 8;
 
-/// A port that was free a moment ago, below the ephemeral range (Linux: 32768 and up), so that
-/// no outgoing connection takes it before the role that is to listen on it binds it; and never
-/// the same twice in one test process.
-pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut handed_out = HANDED_OUT.lock().unwrap();
+/// A TCP port reserved for this test process on loopback, below the ephemeral range (Linux:
+/// 32768 and up), so no outgoing connection takes it. The reservation is a lock on a file that
+/// every Keel test process honours, held until the `Port` drops (or the process dies): no other
+/// test binds the port meanwhile, however many run at once, and a server killed and started
+/// again finds it still free.
+///
+/// Keel's own roles never bind their ports: [`Platform`] binds each one and hands the socket
+/// over (see `keel_runtime::listen`). Servers that cannot take a socket (the broker, PostgreSQL,
+/// Redis, etcd) bind the reserved port themselves.
+#[derive(Debug)]
+pub struct Port {
+    pub number: u16,
+    _reservation: File,
+}
+
+pub fn reserve_port() -> Port {
+    let dir = std::env::temp_dir().join("keel-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
     loop {
-        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
-        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            handed_out.push(port);
-            return port;
+        let number = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
+        let reservation =
+            OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(number.to_string()));
+        let Ok(reservation) = reservation else { continue };
+        // Held by another test process; or bound by something that is not a Keel test.
+        if reservation.try_lock().is_err() || TcpListener::bind(("127.0.0.1", number)).is_err() {
+            continue;
+        }
+        return Port { number, _reservation: reservation };
+    }
+}
+
+/// One of the at most `KEEL_TEST_PLATFORMS` (default 2) platforms that run at once on this
+/// machine, across test processes: each starts a broker and up to a dozen roles, and two cores
+/// run no more than that well. Held by the platform until it drops.
+struct PlatformSlot(#[allow(dead_code)] File);
+
+impl PlatformSlot {
+    async fn acquire() -> Self {
+        let slots: usize = std::env::var("KEEL_TEST_PLATFORMS").ok().and_then(|n| n.parse().ok()).unwrap_or(2);
+        let dir = std::env::temp_dir().join("keel-test-platforms");
+        std::fs::create_dir_all(&dir).unwrap();
+        let files: Vec<File> = (0..slots.max(1))
+            .map(|slot| {
+                OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(slot.to_string())).unwrap()
+            })
+            .collect();
+        loop {
+            for file in &files {
+                if file.try_lock().is_ok() {
+                    return Self(file.try_clone().unwrap());
+                }
+            }
+            // A slot frees when another test's platform drops: nothing to be told by.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
@@ -70,7 +113,7 @@ pub struct Broker {
     pub bootstrap: String,
     log: PathBuf,
     dir: PathBuf,
-    port: u16,
+    port: Port,
     /// nisshi's storage engine: memory, or a PostgreSQL database (durable across restarts).
     storage: String,
 }
@@ -83,16 +126,16 @@ impl Broker {
 
     /// A broker storing in `storage` (`memory://…` or a `postgres://…?sslmode=disable` URL).
     pub fn start_on(dir: &Path, storage: String) -> Self {
-        let port = free_port();
+        let port = reserve_port();
         let log = dir.join("nisshi.log");
-        let mut broker =
-            Self { child: None, bootstrap: format!("127.0.0.1:{port}"), log, dir: dir.to_owned(), port, storage };
+        let bootstrap = format!("127.0.0.1:{}", port.number);
+        let mut broker = Self { child: None, bootstrap, log, dir: dir.to_owned(), port, storage };
         broker.run();
         broker
     }
 
     fn run(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let url = format!("tcp://127.0.0.1:{}", self.port.number);
         let child = Command::new(nisshi_binary())
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine"])
             .arg(&self.storage)
@@ -255,7 +298,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn command(self) -> &'static str {
+    pub fn command(self) -> &'static str {
         match self {
             Self::Registry => "registry",
             Self::Identity | Self::SecondIdentity | Self::ThirdIdentity => "identity",
@@ -310,6 +353,10 @@ pub struct Platform {
     /// Per second instance, the environment that sets it apart from the first.
     overrides: BTreeMap<Role, Vec<(String, String)>>,
     running: BTreeMap<Role, Running>,
+    /// The ports of every role's listeners, bound anew each time the role starts.
+    ports: Vec<Port>,
+    /// Held for the platform's life: one of the platforms the machine runs at once.
+    slot: PlatformSlot,
 }
 
 impl Platform {
@@ -362,6 +409,7 @@ impl Platform {
 
     /// [`Self::prepare`] on servers of the test's own where `setup` names them.
     pub async fn prepare_with(setup: Setup) -> Self {
+        let slot = PlatformSlot::acquire().await;
         let dir = setup.dir.unwrap_or_else(log_dir);
         let broker = match setup.broker_storage {
             Some(storage) => Broker::start_on(&dir, storage),
@@ -372,42 +420,44 @@ impl Platform {
             None => TestDatabase::create().await,
         };
         let etcd = setup.etcd_url.unwrap_or_else(shared_etcd_url);
-        let registry = free_port();
-        let identity_grpc = free_port();
-        let second_identity_grpc = free_port();
-        let (auth_grpc, authz_grpc, blog_grpc) = (free_port(), free_port(), free_port());
-        let ports = [
-            ("KEEL_REGISTRY__LISTEN", registry),
-            ("KEEL_IDENTITY__GRPC_LISTEN", identity_grpc),
-            ("KEEL_IDENTITY__ADMIN_LISTEN", free_port()),
-            ("KEEL_AUTH__GRPC_LISTEN", auth_grpc),
-            ("KEEL_AUTH__ADMIN_LISTEN", free_port()),
-            ("KEEL_AUTHZ__GRPC_LISTEN", authz_grpc),
-            ("KEEL_AUTHZ__ADMIN_LISTEN", free_port()),
-            ("KEEL_BLOG__GRPC_LISTEN", blog_grpc),
-            ("KEEL_BLOG__ADMIN_LISTEN", free_port()),
-            ("KEEL_PROJECTOR__ADMIN_LISTEN", free_port()),
-            ("KEEL_GATEWAY__LISTEN", free_port()),
-            ("SECOND_PROJECTOR_ADMIN_LISTEN", free_port()),
-            ("SECOND_IDENTITY_GRPC_LISTEN", second_identity_grpc),
-            ("SECOND_IDENTITY_ADMIN_LISTEN", free_port()),
-            ("SECOND_GATEWAY_LISTEN", free_port()),
-            ("THIRD_IDENTITY_GRPC_LISTEN", free_port()),
-            ("THIRD_IDENTITY_ADMIN_LISTEN", free_port()),
-            ("SECOND_AUTH_GRPC_LISTEN", free_port()),
-            ("SECOND_AUTH_ADMIN_LISTEN", free_port()),
-            ("SECOND_AUTHZ_GRPC_LISTEN", free_port()),
-            ("SECOND_AUTHZ_ADMIN_LISTEN", free_port()),
-            ("SECOND_BLOG_GRPC_LISTEN", free_port()),
-            ("SECOND_BLOG_ADMIN_LISTEN", free_port()),
+        // Every address a role of this platform may listen on, reserved for the platform's life.
+        let listen_keys = [
+            "KEEL_REGISTRY__LISTEN",
+            "KEEL_IDENTITY__GRPC_LISTEN",
+            "KEEL_IDENTITY__ADMIN_LISTEN",
+            "KEEL_AUTH__GRPC_LISTEN",
+            "KEEL_AUTH__ADMIN_LISTEN",
+            "KEEL_AUTHZ__GRPC_LISTEN",
+            "KEEL_AUTHZ__ADMIN_LISTEN",
+            "KEEL_BLOG__GRPC_LISTEN",
+            "KEEL_BLOG__ADMIN_LISTEN",
+            "KEEL_PROJECTOR__ADMIN_LISTEN",
+            "KEEL_GATEWAY__LISTEN",
+            "SECOND_PROJECTOR_ADMIN_LISTEN",
+            "SECOND_IDENTITY_GRPC_LISTEN",
+            "SECOND_IDENTITY_ADMIN_LISTEN",
+            "SECOND_GATEWAY_LISTEN",
+            "THIRD_IDENTITY_GRPC_LISTEN",
+            "THIRD_IDENTITY_ADMIN_LISTEN",
+            "SECOND_AUTH_GRPC_LISTEN",
+            "SECOND_AUTH_ADMIN_LISTEN",
+            "SECOND_AUTHZ_GRPC_LISTEN",
+            "SECOND_AUTHZ_ADMIN_LISTEN",
+            "SECOND_BLOG_GRPC_LISTEN",
+            "SECOND_BLOG_ADMIN_LISTEN",
         ];
-        let mut env: Vec<(String, String)> =
-            ports.iter().map(|(key, port)| ((*key).to_owned(), format!("127.0.0.1:{port}"))).collect();
+        let ports: Vec<Port> = listen_keys.iter().map(|_| reserve_port()).collect();
+        let mut env: Vec<(String, String)> = listen_keys
+            .iter()
+            .zip(&ports)
+            .map(|(key, port)| ((*key).to_owned(), format!("127.0.0.1:{}", port.number)))
+            .collect();
+        let registry = env[0].1.clone();
         env.extend(
             [
                 ("KEEL_DATABASE__URL", database.url.clone()),
                 ("KEEL_KAFKA__BOOTSTRAP_SERVERS", broker.bootstrap.clone()),
-                ("KEEL_SCHEMA_REGISTRY__URL", format!("http://127.0.0.1:{registry}")),
+                ("KEEL_SCHEMA_REGISTRY__URL", format!("http://{registry}")),
                 // Every role registers in etcd and finds the others there, under a prefix of this
                 // platform's own.
                 ("KEEL_DISCOVERY__BACKEND", "etcd".to_owned()),
@@ -482,8 +532,18 @@ impl Platform {
         ]);
         env.retain(|(key, _)| !key.starts_with("SECOND_") && !key.starts_with("THIRD_"));
         let gateway_url = admin_urls[&Role::Gateway].clone();
-        let platform =
-            Self { dir, broker, database, gateway_url, env, admin_urls, overrides, running: BTreeMap::new() };
+        let platform = Self {
+            dir,
+            broker,
+            database,
+            gateway_url,
+            env,
+            admin_urls,
+            overrides,
+            running: BTreeMap::new(),
+            ports,
+            slot,
+        };
         for args in [&["migrate"][..], &["topics", "create"]] {
             let output = platform.keel(args).output().unwrap();
             assert!(output.status.success(), "keel {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -504,13 +564,38 @@ impl Platform {
     }
 
     /// Starts a role with extra environment (overrides).
+    /// Its listeners are bound here and handed over (`fd:NAME`), never bound by the role.
     pub fn spawn_with(&mut self, role: Role, extra: &[(&str, &str)]) {
+        use command_fds::{CommandFdExt, FdMapping};
+
         let log = self.dir.join(format!("{role:?}.log").to_lowercase());
         let mut command = self.keel(&[role.command()]);
-        if let Some(overrides) = self.overrides.get(&role) {
-            command.envs(overrides.iter().map(|(key, value)| (key, value)));
+        let mut settings = self.overrides.get(&role).cloned().unwrap_or_default();
+        settings.extend(extra.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())));
+        let section = format!("KEEL_{}__", role.command().to_uppercase());
+        let listeners: Vec<(String, std::net::SocketAddr)> = self
+            .env
+            .iter()
+            .filter(|(key, _)| key.starts_with(&section) && key.ends_with("LISTEN"))
+            .filter_map(|(key, value)| {
+                let value = settings.iter().rev().find(|(name, _)| name == key).map_or(value, |(_, value)| value);
+                Some((key.clone(), value.parse().ok()?))
+            })
+            .collect();
+        let (mut mappings, mut names) = (Vec::new(), Vec::new());
+        for (index, (key, address)) in listeners.into_iter().enumerate() {
+            let listener = TcpListener::bind(address)
+                .unwrap_or_else(|error| panic!("{role:?} cannot have {address} ({key}), its reserved port: {error}"));
+            let name = key[section.len()..].to_lowercase();
+            mappings.push(FdMapping { parent_fd: listener.into(), child_fd: 3 + index as i32 });
+            settings.push((key, format!("fd:{name}")));
+            names.push(name);
         }
-        command.envs(extra.iter().copied()).stdin(Stdio::null()).stdout(append_log(&log)).stderr(append_log(&log));
+        command.envs(settings).env("LISTEN_FDS", names.len().to_string()).env("LISTEN_FDNAMES", names.join(":"));
+        command.fd_mappings(mappings).expect("one child fd per listener");
+        command.stdin(Stdio::null()).stdout(append_log(&log)).stderr(append_log(&log));
+        // The command holds the parent's copies of the sockets until it drops, right after: from
+        // then on the role's process is the only holder, and a role killed refuses connections.
         let child = command.spawn().unwrap();
         let admin_url = self.admin_urls[&role].clone();
         self.running.insert(role, Running { child, admin_url, log });
@@ -691,6 +776,31 @@ impl Platform {
         assert_eq!(self.keel_ok(&["projections", "dlq", "list"]).trim(), "", "no dead letter");
     }
 
+    /// Waits until the live version of each of `projections` has applied every record the log
+    /// holds (lag 0 at the projector's `/admin/projections`, measured against the broker's high
+    /// watermarks). With nothing more being written, the read models then hold all they ever
+    /// will, and exact counts can be taken.
+    pub async fn caught_up(&self, projections: &[&str]) {
+        let projector = [Role::Projector, Role::SecondProjector]
+            .into_iter()
+            .find(|role| self.running.contains_key(role))
+            .expect("a projector runs");
+        let url = format!("{}/admin/projections", self.admin_url(projector));
+        eventually(Duration::from_secs(90), &format!("{projections:?} to apply the whole log"), || async {
+            let status: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            let applied = projections.iter().all(|name| {
+                let versions = status.as_array().into_iter().flatten().filter(|projection| projection["name"] == *name);
+                let live: Vec<&serde_json::Value> = versions
+                    .flat_map(|projection| projection["versions"].as_array().into_iter().flatten())
+                    .filter(|version| version["state"] == "live")
+                    .collect();
+                !live.is_empty() && live.iter().all(|version| version["lag"] == 0)
+            });
+            applied.then_some(())
+        })
+        .await;
+    }
+
     /// The value of a metric sample (`name{labels}`) on a role's `/metrics`, if present.
     pub async fn metric(&self, role: Role, sample: &str) -> Option<f64> {
         let text = reqwest::get(format!("{}/metrics", self.admin_url(role))).await.ok()?.text().await.ok()?;
@@ -742,8 +852,8 @@ fn shared_etcd_url() -> String {
 pub struct Etcd {
     child: Option<Child>,
     dir: PathBuf,
-    client_port: u16,
-    peer_port: u16,
+    client_port: Port,
+    peer_port: Port,
     log: PathBuf,
 }
 
@@ -752,8 +862,8 @@ impl Etcd {
         let mut etcd = Self {
             child: None,
             dir: dir.join("etcd"),
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port: reserve_port(),
+            peer_port: reserve_port(),
             log: dir.join("etcd.log"),
         };
         etcd.run();
@@ -761,11 +871,11 @@ impl Etcd {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://127.0.0.1:{}", self.client_port.number)
     }
 
     fn run(&mut self) {
-        let (client, peer) = (self.url(), format!("http://127.0.0.1:{}", self.peer_port));
+        let (client, peer) = (self.url(), format!("http://127.0.0.1:{}", self.peer_port.number));
         let child = Command::new("etcd")
             .args(["--name", "test", "--data-dir"])
             .arg(&self.dir)
@@ -820,24 +930,24 @@ impl Drop for Etcd {
 /// A Redis server of the test's own (nothing kept on disk), stopped on drop.
 pub struct OwnRedis {
     child: Option<Child>,
-    pub port: u16,
+    port: Port,
     log: PathBuf,
 }
 
 impl OwnRedis {
     pub fn start(dir: &Path) -> Self {
-        let mut redis = Self { child: None, port: free_port(), log: dir.join("redis.log") };
+        let mut redis = Self { child: None, port: reserve_port(), log: dir.join("redis.log") };
         redis.start_server();
         redis
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://127.0.0.1:{}/", self.port.number)
     }
 
     pub fn start_server(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &self.port.number.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(append_log(&self.log))
             .stderr(append_log(&self.log))
             .spawn()
@@ -860,7 +970,7 @@ impl OwnRedis {
 
     /// What `redis-cli ARGS` prints against this server.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        let output = Command::new("redis-cli").args(["-p", &self.port.number.to_string()]).args(args).output().unwrap();
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
@@ -875,7 +985,7 @@ impl Drop for OwnRedis {
 /// Run as the `postgres` user when the test runs as root, since PostgreSQL refuses root.
 pub struct OwnPostgres {
     dir: PathBuf,
-    pub port: u16,
+    port: Port,
     bin: PathBuf,
     log: PathBuf,
 }
@@ -886,7 +996,7 @@ impl OwnPostgres {
         let mut bins: Vec<PathBuf> = versions.filter_map(|entry| Some(entry.ok()?.path().join("bin"))).collect();
         bins.sort();
         let bin = bins.pop().expect("a PostgreSQL version");
-        let server = Self { dir: dir.join("postgres"), port: free_port(), bin, log: dir.join("postgres.log") };
+        let server = Self { dir: dir.join("postgres"), port: reserve_port(), bin, log: dir.join("postgres.log") };
         std::fs::create_dir_all(&server.dir).unwrap();
         if Self::as_root() {
             assert!(Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir).status().unwrap().success());
@@ -920,13 +1030,13 @@ impl OwnPostgres {
     }
 
     pub fn admin_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port.number)
     }
 
     /// Starts the server and waits until it accepts connections.
     pub fn start_server(&self) {
         let data = self.dir.to_str().unwrap().to_owned();
-        let options = format!("-p {} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", self.port);
+        let options = format!("-p {} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", self.port.number);
         self.run("pg_ctl", &["-D", &data, "-o", &options, "-l", self.log.to_str().unwrap(), "-w", "start"]);
     }
 
