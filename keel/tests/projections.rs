@@ -98,7 +98,12 @@ async fn a_rebuild_swaps_in_without_a_failed_query_while_commands_flow() {
 
     let output = platform.keel_ok(&["projections", "rebuild", "users"]);
     assert!(output.contains("version 2 is live"), "{output}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Reads go on against version 2 for a while before the load stops.
+    let swapped = reads.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(30), "reads after the swap", || async {
+        (reads.load(Ordering::Relaxed) >= swapped + 20).then_some(())
+    })
+    .await;
     running.store(false, Ordering::Relaxed);
     writer.await.unwrap();
     reader.await.unwrap();
@@ -108,7 +113,7 @@ async fn a_rebuild_swaps_in_without_a_failed_query_while_commands_flow() {
     // The admin, the 200 before and those registered during the rebuild.
     let expected = 201 + written.load(Ordering::Relaxed) as i64;
     wait_for_users(&pool, expected).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    platform.caught_up(&["users"]).await;
     let live = users_checksum(&pool, "users").await;
     assert_eq!(live.0, expected);
     assert_eq!(users_checksum(&pool, "users_v2").await, live, "the view reads version 2");
@@ -236,7 +241,7 @@ async fn under_the_stop_policy_a_poison_commit_stops_the_projection_until_resume
     })
     .await;
     assert!(stopped["last_error"].as_str().unwrap().contains("no_poison"), "{stopped}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(stopped["lag"].as_i64().unwrap() >= 2, "the poison commit and the one after wait in the log: {stopped}");
     assert_eq!(count(&pool, "users").await, 1, "nothing after the poison commit is applied while stopped");
 
     poison_display_names(&pool, false).await;
@@ -286,9 +291,14 @@ async fn killing_the_projector_at_random_points_matches_a_rebuild_from_scratch()
             (count(&pool, "users").await > before).then_some(())
         })
         .await;
-        let pause =
-            20 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 300);
-        tokio::time::sleep(Duration::from_millis(u64::from(pause))).await;
+        // A few more, as many as the clock says: the kill lands at a different point each round.
+        let more = 1 + i64::from(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 200,
+        );
+        eventually(Duration::from_secs(60), "the projector to apply a few more", || async {
+            (count(&pool, "users").await >= before + more).then_some(())
+        })
+        .await;
         let running = !burst.is_finished();
         kills.push(count(&pool, "users").await);
         platform.kill9(Role::Projector);
@@ -305,7 +315,7 @@ async fn killing_the_projector_at_random_points_matches_a_rebuild_from_scratch()
         (audited_user_events(&pool).await >= REGISTRATIONS as i64).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    platform.caught_up(&["users", "audit"]).await;
     let survived = users_checksum(&pool, "users").await;
     assert_eq!(survived.0, REGISTRATIONS as i64);
     assert_eq!(audited_user_events(&pool).await, REGISTRATIONS as i64);
@@ -352,7 +362,7 @@ async fn two_projectors_split_the_partitions_and_one_takes_over_when_the_other_d
     }
     wait_for_users(&pool, 2 * EACH as i64).await;
     assert_eq!(platform.metric(Role::SecondProjector, assigned).await, Some(8.0));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    platform.caught_up(&["users"]).await;
     let survived = users_checksum(&pool, "users").await;
     assert_eq!(survived.0, 2 * EACH as i64);
     let output = platform.keel_ok(&["projections", "rebuild", "users"]);

@@ -61,8 +61,8 @@ async fn a_killed_projector_loses_and_doubles_nothing() {
         (count(&pool, "users").await >= expected && audited_user_events(&pool).await >= expected).then_some(())
     })
     .await;
-    // Let any straggling batch land before the exact comparison.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every record applied: no straggling batch can change the exact comparison.
+    platform.caught_up(&["users", "audit"]).await;
     assert_eq!(count(&pool, "users").await, expected);
     assert_eq!(audited_user_events(&pool).await, expected);
     let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT email) FROM users").fetch_one(&pool).await.unwrap();
