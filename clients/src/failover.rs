@@ -171,6 +171,7 @@ impl ServiceClient {
             let mut request = tonic::Request::new(request.clone());
             // The service stops working on an attempt the gateway no longer waits for.
             request.set_timeout(remaining);
+            crate::carry_trace(&mut request);
             let reply = call(endpoint.channel.clone(), request);
             let (broken_at, now) = (endpoint.broken_at.clone(), self.millis());
             async move {

@@ -37,6 +37,15 @@ use uuid::Uuid;
 
 pub use failover::{Placement, ServiceClient, ServiceEndpoint};
 
+/// Puts the current span's trace context on a call (W3C `traceparent` in its metadata), so the
+/// service's span continues the caller's trace.
+pub fn carry_trace<T>(request: &mut tonic::Request<T>) {
+    let traceparent = keel_runtime::telemetry::traceparent_of(&tracing::Span::current());
+    if let Some(value) = traceparent.and_then(|traceparent| traceparent.parse().ok()) {
+        request.metadata_mut().insert("traceparent", value);
+    }
+}
+
 /// Defines the typed client of one service: per RPC, its request and reply, and (for a call
 /// about one aggregate) the topic and how the aggregate's id follows from the request.
 macro_rules! typed_client {

@@ -29,6 +29,7 @@ pub fn is_forwarded<T>(request: &Request<T>) -> bool {
 pub fn forwarded<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(FORWARDED, MetadataValue::from_static("1"));
+    keel_clients::carry_trace(&mut request);
     request
 }
 

@@ -58,12 +58,19 @@ command_requests!(
 );
 
 /// A command call as it arrives: whether another instance forwarded it already, its message, and
-/// its envelope metadata, checked; the command id is recorded on the current span.
+/// its envelope metadata, checked; the command id is recorded on the current span, whose trace
+/// context the command carries on.
 pub fn receive<T: CommandRequest>(request: Request<T>) -> Result<(bool, T, CommandMeta), Status> {
     let forwarded = is_forwarded(&request);
     let message = request.into_inner();
-    let meta = command_meta(message.metadata())?;
-    tracing::Span::current().record("command_id", tracing::field::display(meta.command_id));
+    let mut meta = command_meta(message.metadata())?;
+    let span = tracing::Span::current();
+    span.record("command_id", tracing::field::display(meta.command_id));
+    // The commit's trace context is this call's: the span that continued the caller's (from the
+    // call's metadata, else from the command's own).
+    if let Some(traceparent) = keel_runtime::telemetry::traceparent_of(&span) {
+        meta.traceparent = Some(traceparent);
+    }
     Ok((forwarded, message, meta))
 }
 

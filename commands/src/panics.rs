@@ -2,7 +2,8 @@
 //! and counted (`keel_grpc_panics_total{service}`), and the instance goes on serving every other
 //! call — as the gateway does for HTTP. Every call is counted too
 //! (`keel_grpc_requests_total{service,kind}`, kind `call`, `health` or `reflection`), so an
-//! operator sees which instances take traffic.
+//! operator sees which instances take traffic. Every call but health checks and reflection runs
+//! in a server span that continues the caller's trace (W3C `traceparent` in the call's metadata).
 
 use std::{
     panic::AssertUnwindSafe,
@@ -12,6 +13,7 @@ use std::{
 
 use futures::FutureExt;
 use tonic::Status;
+use tracing::Instrument;
 
 /// The layer that puts [`CatchPanic`] around a gRPC server's routes.
 #[derive(Debug, Clone, Copy)]
@@ -55,8 +57,9 @@ where
         let service = self.service;
         let path = request.uri().path().to_owned();
         metrics::counter!("keel_grpc_requests_total", "service" => service, "kind" => kind(&path)).increment(1);
-        let call = std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request)));
-        Box::pin(async move {
+        let span = rpc_span(&path, request.headers());
+        let call = span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))));
+        let answer = async move {
             let outcome = match call {
                 Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
                 Err(panic) => Err(panic),
@@ -71,8 +74,30 @@ where
                 metrics::counter!("keel_grpc_panics_total", "service" => service).increment(1);
                 Ok(Status::internal("internal error").into_http())
             })
-        })
+        };
+        Box::pin(answer.instrument(span))
     }
+}
+
+/// The server span of a call (`keel.identity.v1.IdentityCommands/UpdateProfile`), a child of the
+/// caller's span when the metadata carries one; none for health checks and reflection, which
+/// would fill traces with polls.
+fn rpc_span(path: &str, headers: &http::HeaderMap) -> tracing::Span {
+    if kind(path) != "call" {
+        return tracing::Span::none();
+    }
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = name,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+    );
+    keel_runtime::telemetry::continue_trace_from_headers(&span, headers);
+    span
 }
 
 /// What a call is, by its path: a bounded label whatever paths clients send.

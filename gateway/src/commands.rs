@@ -133,7 +133,8 @@ pub(crate) fn metadata(headers: &HeaderMap, command_id: Uuid, caller: &Caller) -
         command_id: command_id.to_string(),
         actor: caller.actor(),
         correlation_id: correlation_id(headers).unwrap_or(command_id).to_string(),
-        traceparent: header_text(headers, "traceparent").unwrap_or_default(),
+        // The request's span: it continues the caller's trace, or began one.
+        traceparent: keel_runtime::telemetry::traceparent_of(&tracing::Span::current()).unwrap_or_default(),
     }
 }
 

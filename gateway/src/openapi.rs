@@ -120,6 +120,7 @@ fn schemas() -> Value {
     json!({
         "Problem": {"type": "object", "required": ["type", "title", "status"], "properties": {
             "type": string, "title": string, "status": {"type": "integer"}, "detail": string,
+            "trace_id": string,
         }},
         "Registration": object(&["email", "display_name", "password"], json!({
             "email": {"type": "string", "format": "email"},

@@ -129,6 +129,10 @@ impl From<MalformedIfMatch> for Problem {
 
 impl IntoResponse for Problem {
     fn into_response(mut self) -> Response {
+        // The request's trace, for the caller to quote when they report the problem.
+        if let Some(trace_id) = keel_runtime::telemetry::trace_id_of(&tracing::Span::current()) {
+            self.extensions.entry("trace_id").or_insert(trace_id.into());
+        }
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let retry_after = matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS);
         let extra_headers = std::mem::take(&mut self.headers);

@@ -4,7 +4,9 @@ use keel_commands::{auth::AuthConfig, authz::AuthzConfig, blog::BlogConfig, iden
 use keel_discovery::DiscoveryConfig;
 use keel_gateway::GatewayConfig;
 use keel_projections::ProjectorConfig;
-use keel_runtime::{ConfigError, DatabaseConfig, KafkaConfig, LogConfig, ShutdownConfig, config::ensure};
+use keel_runtime::{
+    ConfigError, DatabaseConfig, KafkaConfig, LogConfig, ShutdownConfig, TracingConfig, config::ensure,
+};
 use keel_topics::PersonalDataConfig;
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +14,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct KeelConfig {
     pub log: LogConfig,
+    pub tracing: TracingConfig,
     pub shutdown: ShutdownConfig,
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
@@ -76,6 +79,7 @@ impl KeelConfig {
         ensure(self.topics.replication_factor > 0, "topics.replication_factor", "must be positive")?;
         ensure(self.schema_registry.url.starts_with("http"), "schema_registry.url", "must be an http(s) URL")?;
         self.log.validate()?;
+        self.tracing.validate()?;
         self.discovery.validate()?;
         self.personal_data.validate()?;
         self.identity.validate()?;

@@ -8,6 +8,7 @@ mod projections_cli;
 mod replay;
 mod root;
 mod tail;
+mod traces;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -68,6 +69,8 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Follow a live stream of the gateway (`GET /v1/streams/…`), resuming across disconnects.
     Tail(tail::TailArgs),
+    /// The spans the local trace receiver kept (`scripts/run`): the latest traces, or one as a tree.
+    Traces(traces::TracesArgs),
     /// Projections: status, rebuilds, dead letters.
     Projections(projections_cli::ProjectionsArgs),
     /// The running instances the service registry lists (every role, or one).
@@ -106,6 +109,20 @@ enum AuditCommand {
     Verify,
 }
 
+/// What a process of `command` is called in traces (`keel-<name>`).
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Registry => "registry",
+        Command::Identity => "identity",
+        Command::Auth => "auth",
+        Command::Authz => "authz",
+        Command::Blog => "blog",
+        Command::Projector => "projector",
+        Command::Gateway => "gateway",
+        _ => "cli",
+    }
+}
+
 fn main() -> ExitCode {
     // Before any thread starts: it clears the socket-activation variables.
     keel_runtime::listen::inherit_sockets();
@@ -123,9 +140,9 @@ fn main() -> ExitCode {
     }
     // `keel replay` and `keel tail` print records on stdout, where log lines would mix with
     // them; they report on stderr themselves.
-    if !matches!(cli.command, Command::Replay(_) | Command::Tail(_)) {
-        keel_runtime::telemetry::init(&config.log);
-    }
+    // Flushes the queued spans when main returns.
+    let _telemetry = (!matches!(cli.command, Command::Replay(_) | Command::Tail(_)))
+        .then(|| keel_runtime::telemetry::init(&config.log, &config.tracing, service_name(&cli.command)));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

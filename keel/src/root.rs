@@ -107,6 +107,7 @@ pub async fn run(command: Command, config: KeelConfig) -> anyhow::Result<ExitCod
         }
         Command::Replay(args) => return crate::replay::run(args, &config).await,
         Command::Tail(args) => return crate::tail::run(args, &config).await,
+        Command::Traces(args) => return crate::traces::run(&args),
         Command::Projections(args) => return crate::projections_cli::run(args, &config).await,
         Command::Bench(args) => return crate::bench::run(args, &config).await,
         Command::Instances { service } => {

@@ -19,6 +19,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -203,7 +204,7 @@ impl Lane {
         let name = self.runner.projection.name();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.apply_batch(batch, guard).await {
+            match self.apply_batch(batch, guard).instrument(batch_span(name, batch)).await {
                 Ok(outcome) => return Ok(Some(outcome)),
                 Err(error) if error.downcast_ref::<store::CheckpointMoved>().is_some() => {
                     // Another worker applied these records: continue from the stored checkpoints.
@@ -443,6 +444,37 @@ impl Lane {
                 .set(lag as f64);
         }
     }
+}
+
+/// The consumer span of one attempt at a batch (`process <topic>`, kind consumer), linked to
+/// each record's producer span: a batch has as many parents as records, so, as the messaging
+/// conventions say, it links to them rather than being anyone's child.
+fn batch_span(projection: &str, batch: &[Arc<Item>]) -> tracing::Span {
+    let mut topics: Vec<&str> = batch.iter().map(|item| item.message.topic()).collect();
+    topics.sort_unstable();
+    topics.dedup();
+    let name = match topics.as_slice() {
+        [topic] => format!("process {topic}"),
+        _ => "process".to_owned(),
+    };
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %name,
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.consumer.group.name = projection,
+        messaging.destination.name = %topics.join(","),
+        messaging.batch.message_count = batch.len() as i64,
+    );
+    for item in batch {
+        if let Read::Commit(commit) = &item.read
+            && let Some(traceparent) = &commit.header.traceparent
+        {
+            keel_runtime::telemetry::link(&span, traceparent);
+        }
+    }
+    span
 }
 
 /// The commit of an admitted item.

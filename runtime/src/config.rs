@@ -200,6 +200,52 @@ impl LogConfig {
     }
 }
 
+/// Traces: how many are kept and where they go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// The base URL of an OTLP/HTTP receiver (`http://collector:4318`; spans go to
+    /// `/v1/traces`). Unset: trace context is still carried across every hop, nothing is sent.
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces recorded (0 to 1); a trace begun elsewhere follows its caller's
+    /// decision.
+    pub sample_ratio: f64,
+    /// Spans waiting for export at most; more are dropped (and the export tells how many).
+    pub queue_size: usize,
+    /// How often a batch is sent.
+    pub export_every_ms: u64,
+    /// Bound on one export (and on the flush at exit).
+    pub export_timeout_ms: u64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            queue_size: 2048,
+            export_every_ms: 1000,
+            export_timeout_ms: 5000,
+        }
+    }
+}
+
+impl TracingConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure((0.0..=1.0).contains(&self.sample_ratio), "tracing.sample_ratio", "must be between 0 and 1")?;
+        ensure(self.queue_size > 0, "tracing.queue_size", "must be positive")?;
+        ensure(self.export_every_ms > 0, "tracing.export_every_ms", "must be positive")?;
+        ensure(self.export_timeout_ms > 0, "tracing.export_timeout_ms", "must be positive")?;
+        ensure(
+            self.otlp_endpoint.as_ref().is_none_or(|endpoint| {
+                endpoint.parse::<http::Uri>().is_ok_and(|uri| matches!(uri.scheme_str(), Some("http" | "https")))
+            }),
+            "tracing.otlp_endpoint",
+            "must be an http(s) URL such as http://127.0.0.1:4318",
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -376,6 +422,23 @@ mod tests {
         assert!(LogConfig { filter: "info,keel=debug".into(), ..LogConfig::default() }.validate().is_ok());
         let error = LogConfig { filter: "info,keel=loud".into(), ..LogConfig::default() }.validate().unwrap_err();
         assert!(error.to_string().contains("log.filter"), "{error}");
+    }
+
+    #[test]
+    fn tracing_settings_are_checked() {
+        let valid = TracingConfig { otlp_endpoint: Some("http://127.0.0.1:4318".into()), ..TracingConfig::default() };
+        assert!(valid.validate().is_ok());
+        for (bad, path) in [
+            (TracingConfig { sample_ratio: 1.5, ..TracingConfig::default() }, "tracing.sample_ratio"),
+            (TracingConfig { queue_size: 0, ..TracingConfig::default() }, "tracing.queue_size"),
+            (
+                TracingConfig { otlp_endpoint: Some("collector:4318".into()), ..TracingConfig::default() },
+                "tracing.otlp_endpoint",
+            ),
+        ] {
+            let error = bad.validate().unwrap_err();
+            assert!(error.to_string().contains(path), "{error}");
+        }
     }
 
     #[test]

@@ -12,5 +12,7 @@ pub mod postgres;
 pub mod telemetry;
 
 pub use admin::{Health, ReadinessCheck};
-pub use config::{ConfigError, ConfigSources, DatabaseConfig, KafkaConfig, LogConfig, Secret, ShutdownConfig};
+pub use config::{
+    ConfigError, ConfigSources, DatabaseConfig, KafkaConfig, LogConfig, Secret, ShutdownConfig, TracingConfig,
+};
 pub use lifecycle::Lifecycle;

@@ -79,6 +79,8 @@ struct Speculative<M: Model> {
     state: M::State,
     /// How to take it back; taken when it is.
     undo: Option<Undo<M::State>>,
+    /// The commit's producer span (`publish <topic>`), ended when the commit is answered.
+    span: tracing::Span,
 }
 
 /// Where a produced commit landed, as the broker said.
@@ -306,7 +308,12 @@ impl<M: Model> PartitionWriter<M> {
             }
             match self.decide(&request) {
                 Decision::Answer(outcome, state) => self.answer_when_proven(request, outcome, state),
-                Decision::Append(header, events) => {
+                Decision::Append(mut header, events) => {
+                    // The record carries the producer span's context, for its consumers to link to.
+                    let span = publish_span(&self.shared.topic, self.state.partition, &header);
+                    if let Some(traceparent) = keel_runtime::telemetry::traceparent_of(&span) {
+                        header.traceparent = Some(traceparent);
+                    }
                     let offset = self.state.next_offset();
                     let (verdict, undo) = self.state.apply_tracked(offset, &header, &events);
                     debug_assert_eq!(verdict, Some(Verdict::Valid), "decided on this very state");
@@ -316,7 +323,7 @@ impl<M: Model> PartitionWriter<M> {
                     let state =
                         self.state.entry(header.aggregate_id).map(|entry| entry.state.clone()).unwrap_or_default();
                     self.since_snapshot += 1;
-                    commits.push(Speculative { request, header, events, offset, state, undo: Some(undo) });
+                    commits.push(Speculative { request, header, events, offset, state, undo: Some(undo), span });
                 }
             }
         }
@@ -468,6 +475,7 @@ impl<M: Model> PartitionWriter<M> {
             return;
         }
         for commit in batch.commits {
+            commit.span.record("messaging.kafka.offset", commit.offset);
             self.confirmed = commit.offset + 1;
             self.unconfirm(commit.header.aggregate_id);
             let accepted = Accepted {
@@ -592,6 +600,7 @@ impl<M: Model> PartitionWriter<M> {
 
     /// Answers a command whose commit the broker acknowledged at `offset`, by the rule's verdict.
     fn answer_landed(&self, commit: Speculative<M>, offset: i64, verdict: Option<Verdict>) {
+        commit.span.record("messaging.kafka.offset", offset);
         let aggregate_id = commit.header.aggregate_id;
         let state = || self.state.entry(aggregate_id).map(|entry| entry.state.clone()).unwrap_or_default();
         let outcome = match verdict {
@@ -807,6 +816,25 @@ async fn encode<M: Model>(
 
 fn unknown_outcome() -> CommandError {
     CommandError::Unavailable("the outcome is unknown; retry with the same command id".into())
+}
+
+/// The producer span of one commit, a child of the command's span (OpenTelemetry messaging
+/// conventions: `publish <topic>`, kind producer); the offset is recorded once the broker says.
+fn publish_span(topic: &str, partition: i32, header: &CommitHeader) -> tracing::Span {
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = %format_args!("publish {topic}"),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = topic,
+        messaging.destination.partition.id = %partition,
+        messaging.kafka.message.key = %header.aggregate_id,
+        messaging.kafka.offset = tracing::field::Empty,
+        command_id = %header.command_id,
+    );
+    keel_runtime::telemetry::continue_trace(&span, header.traceparent.as_deref());
+    span
 }
 
 fn commit_header<E: DomainEvent>(
