@@ -489,6 +489,7 @@ impl Platform {
             ]
             .map(|(key, value)| (key.to_owned(), value)),
         );
+        env.extend(setup.env);
         let address = |key: &str| env.iter().find(|(k, _)| k == key).unwrap().1.clone();
         let admin_urls = BTreeMap::from([
             (Role::Registry, format!("http://{}", address("KEEL_REGISTRY__LISTEN"))),
@@ -836,6 +837,8 @@ pub struct Setup {
     pub broker_storage: Option<String>,
     /// The gateways' rate limit store (default: the machine's Redis).
     pub redis_url: Option<String>,
+    /// More settings for every role (`KEEL_…` variables).
+    pub env: Vec<(String, String)>,
 }
 
 /// A fresh directory for a test's logs and servers.
