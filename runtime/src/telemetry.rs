@@ -74,16 +74,19 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig, service: &str) -> Telemetr
     TelemetryGuard { provider }
 }
 
-/// Spans sampled by `tracing.sample_ratio` at the root and as their parent was below it; sent to
-/// the OTLP endpoint when there is one, else only carried (ids, propagation) and dropped.
+/// With an OTLP endpoint: spans sampled by `tracing.sample_ratio` at the root and as their parent
+/// was below it, and sent there. Without one: no span is recorded (spans cost next to nothing),
+/// but each still has its ids, so trace context is carried and returned all the same.
 fn tracer_provider(config: &TracingConfig, service: &str) -> SdkTracerProvider {
     let resource = Resource::builder()
         .with_service_name(format!("keel-{service}"))
         .with_attributes([KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))])
         .build();
-    let mut builder = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio))))
-        .with_resource(resource);
+    let sampler = match config.otlp_endpoint {
+        Some(_) => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio))),
+        None => Sampler::AlwaysOff,
+    };
+    let mut builder = SdkTracerProvider::builder().with_sampler(sampler).with_resource(resource);
     if let Some(endpoint) = &config.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -198,5 +201,28 @@ pub fn link(span: &tracing::Span, traceparent: &str) {
     let span_context = context.span().span_context().clone();
     if span_context.is_valid() {
         span.add_link(span_context);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_an_endpoint_spans_record_nothing_but_carry_their_context() {
+        let _telemetry = init(&LogConfig::default(), &TracingConfig::default(), "test");
+        // A request continuing a caller's trace: the same trace, a span of its own, not sampled.
+        let span = tracing::info_span!("request");
+        continue_trace(&span, Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        let carried = traceparent_of(&span).expect("the span has a context");
+        assert!(carried.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{carried}");
+        assert!(!carried.contains("00f067aa0ba902b7") && carried.ends_with("-00"), "{carried}");
+        // A request without one starts a trace all the same.
+        let root = tracing::info_span!("root");
+        let trace = trace_id_of(&root).expect("a new trace");
+        assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+        // Spans of other crates are not traces.
+        let foreign = tracing::info_span!(target: "sqlx::query", "query");
+        assert_eq!(traceparent_of(&foreign), None);
     }
 }
