@@ -214,6 +214,8 @@ async function pollStatus() {
   const rows = $("projection-rows");
   try {
     const { items } = await api("GET", "/v1/projections");
+    recordSample(items);
+    drawCharts();
     rows.replaceChildren(...items.map((projection) => {
       const live = projection.versions.find((version) => version.version === projection.live_version);
       const building = projection.versions.filter((version) => version.version !== projection.live_version);
@@ -241,4 +243,123 @@ async function pollStatus() {
     if (error.status === 403) return;
   }
   statusTimer = setTimeout(pollStatus, 2000);
+}
+
+// ---- charts: the last minutes of the status polls ----
+//
+// Each poll of /v1/projections is a sample: per topic, the high watermarks of its partitions
+// (summed: every record the topic ever got), and per projection, the live version's lag. The
+// commit rate of a topic is the growth of that sum between two samples.
+
+const CHART_WINDOW_MS = 5 * 60 * 1000;
+const CHART_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"];
+const samples = [];
+
+function recordSample(items) {
+  const partitions = new Map();
+  const lags = new Map();
+  for (const projection of items) {
+    const live = projection.versions.find((version) => version.version === projection.live_version);
+    if (!live) continue;
+    lags.set(projection.name, live.lag);
+    for (const partition of live.partitions) {
+      const key = `${partition.topic}\u0000${partition.partition}`;
+      partitions.set(key, Math.max(partitions.get(key) ?? 0, partition.high_watermark));
+    }
+  }
+  const highs = new Map();
+  for (const [key, high] of partitions) {
+    const topic = key.split("\u0000")[0];
+    highs.set(topic, (highs.get(topic) ?? 0) + high);
+  }
+  const at = Date.now();
+  samples.push({ at, highs, lags });
+  while (samples.length && samples[0].at < at - CHART_WINDOW_MS) samples.shift();
+}
+
+function addPoint(series, name, at, value) {
+  if (!series.has(name)) series.set(name, []);
+  series.get(name).push([at, value]);
+}
+
+/** Commits per second of each topic, between consecutive samples. */
+function rateSeries() {
+  const series = new Map();
+  for (let i = 1; i < samples.length; i++) {
+    const [before, after] = [samples[i - 1], samples[i]];
+    const seconds = (after.at - before.at) / 1000;
+    for (const [topic, high] of after.highs) {
+      const earlier = before.highs.get(topic);
+      if (earlier !== undefined && seconds > 0) addPoint(series, topic, after.at, Math.max(0, high - earlier) / seconds);
+    }
+  }
+  return series;
+}
+
+function lagSeries() {
+  const series = new Map();
+  for (const sample of samples) {
+    for (const [projection, lag] of sample.lags) addPoint(series, projection, sample.at, lag);
+  }
+  return series;
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+
+/** One small line chart: a line per series over the window, the largest value on the axis. */
+function drawChart(id, series, unit) {
+  const svg = $(id);
+  const [width, height] = [300, 90];
+  // From the first sample (or five minutes ago, whichever is later) to now: a page open for a few
+  // seconds fills the chart too.
+  const now = Date.now();
+  const start = Math.max(now - CHART_WINDOW_MS, samples.length ? samples[0].at : now);
+  const span = Math.max(now - start, 1);
+  const top = Math.max(1, ...[...series.values()].flat().map(([, value]) => value));
+  svg.replaceChildren();
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  const axis = document.createElementNS(SVG, "text");
+  axis.setAttribute("x", "2");
+  axis.setAttribute("y", "10");
+  axis.setAttribute("class", "axis");
+  axis.textContent = `${formatValue(top)} ${unit}`;
+  svg.append(axis);
+  const legend = $(`${id}-legend`);
+  legend.replaceChildren();
+  [...series.keys()].sort().forEach((name, index) => {
+    const points = series.get(name);
+    const color = CHART_COLORS[index % CHART_COLORS.length];
+    const coordinates = points.map(([at, value]) => [
+      ((at - start) / span) * width,
+      height - 2 - (value / top) * (height - 14),
+    ]);
+    const line = document.createElementNS(SVG, "polyline");
+    line.setAttribute("points", coordinates.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" "));
+    line.setAttribute("stroke", color);
+    line.dataset.series = name;
+    line.dataset.points = String(points.length);
+    line.dataset.max = String(Math.max(...points.map(([, value]) => value)));
+    line.dataset.last = String(points[points.length - 1][1]);
+    // The latest value as a dot: a series of one point is seen too.
+    const [lastX, lastY] = coordinates[coordinates.length - 1];
+    const dot = document.createElementNS(SVG, "circle");
+    dot.setAttribute("cx", lastX.toFixed(1));
+    dot.setAttribute("cy", lastY.toFixed(1));
+    dot.setAttribute("r", "2.5");
+    dot.setAttribute("fill", color);
+    svg.append(line, dot);
+    const item = document.createElement("span");
+    item.style.color = color;
+    item.textContent = `${name} ${formatValue(points[points.length - 1][1])}`;
+    legend.append(item);
+  });
+}
+
+function formatValue(value) {
+  return value >= 100 || Number.isInteger(value) ? String(Math.round(value)) : value.toFixed(1);
+}
+
+function drawCharts() {
+  drawChart("chart-rates", rateSeries(), "commits/s");
+  drawChart("chart-lag", lagSeries(), "records behind");
 }

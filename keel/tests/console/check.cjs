@@ -1,6 +1,7 @@
 // Drives the console in headless Chromium (Debian's, through playwright-core) against a running
 // platform: sign in, see the projections, watch posts filtered to PostPublished, produce events
-// through the API, and check what the page shows. Exits non-zero on the first failed check.
+// through the API, and check what the page shows, charts of commit rates and lag included. Exits
+// non-zero on the first failed check.
 //
 // Environment: PLAYWRIGHT_CORE (the package's directory), GATEWAY (http://…), EMAIL, PASSWORD
 // (an operator's account), SCREENSHOT (a path for the final page).
@@ -69,6 +70,19 @@ async function main() {
     check((await row.count()) === 1, "the filter keeps the post's PostDrafted out");
     const types = await page.$$eval("#events tbody tr", (rows) => rows.map((r) => r.dataset.type));
     check(types.every((type) => type === "PostPublished"), `every row is a PostPublished (${types.length} rows)`);
+
+    // The charts: the posts' topic shows a commit rate above zero, and every projection a lag line.
+    await page.waitForFunction(() => {
+      const line = document.querySelector('#chart-rates polyline[data-series="blog.posts"]');
+      return line !== null && Number(line.dataset.max) > 0;
+    }, null, { timeout });
+    check(true, "the commit-rate chart shows the posts written during the test");
+    await page.waitForFunction(() => [...document.querySelectorAll("#chart-lag polyline")]
+      .filter((line) => Number(line.dataset.points) >= 2).length >= 5, null, { timeout });
+    const lagLines = await page.$$eval("#chart-lag polyline", (lines) => lines.map((line) => line.dataset.series));
+    check(lagLines.includes("blog") && lagLines.includes("users"), `a lag line per projection (${lagLines.join(", ")})`);
+    const legend = await page.textContent("#chart-rates-legend");
+    check(legend.includes("blog.posts"), `the legend names the topics (${legend})`);
 
     // Without the filter, from the beginning, the draft shows too.
     await page.fill("#types", "");
