@@ -115,6 +115,8 @@ impl Load {
 struct Follower {
     registrations: Arc<Mutex<Vec<String>>>,
     resumes: Arc<AtomicUsize>,
+    /// Makes the follower drop its connection and resume, as a client whose network blinked.
+    drop_connection: Arc<tokio::sync::Notify>,
     task: JoinHandle<()>,
     admin: String,
 }
@@ -126,11 +128,23 @@ impl Follower {
         let registrations = Arc::new(Mutex::new(Vec::new()));
         let resumes = Arc::new(AtomicUsize::new(0));
         let gateways: Vec<String> = gateways.iter().map(|gateway| (*gateway).to_owned()).collect();
-        let task = tokio::spawn(Self::follow(gateways, registrations.clone(), resumes.clone()));
-        Self { registrations, resumes, task, admin }
+        let drop_connection = Arc::new(tokio::sync::Notify::new());
+        let task =
+            tokio::spawn(Self::follow(gateways, registrations.clone(), resumes.clone(), drop_connection.clone()));
+        Self { registrations, resumes, drop_connection, task, admin }
     }
 
-    async fn follow(gateways: Vec<String>, registrations: Arc<Mutex<Vec<String>>>, resumes: Arc<AtomicUsize>) {
+    /// Drops the stream's connection now: it resumes from its last id while the fault lasts.
+    fn resume_now(&self) {
+        self.drop_connection.notify_one();
+    }
+
+    async fn follow(
+        gateways: Vec<String>,
+        registrations: Arc<Mutex<Vec<String>>>,
+        resumes: Arc<AtomicUsize>,
+        drop_connection: Arc<tokio::sync::Notify>,
+    ) {
         let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().unwrap();
         let (mut turn, mut token, mut last_id) = (0, None::<String>, None::<String>);
         loop {
@@ -151,7 +165,12 @@ impl Follower {
                 Ok(response) if response.status() == 200 => {
                     let mut parser = SseParser::resuming(last_id.clone());
                     let mut body = response.bytes_stream();
-                    while let Some(Ok(chunk)) = body.next().await {
+                    loop {
+                        let chunk = tokio::select! {
+                            chunk = body.next() => chunk,
+                            () = drop_connection.notified() => None,
+                        };
+                        let Some(Ok(chunk)) = chunk else { break };
                         for event in parser.push(&chunk) {
                             let Ok(data) = serde_json::from_str::<Value>(&event.data) else { continue };
                             if event.event == "message" && data["event_type"] == "UserRegistered" {
@@ -192,11 +211,9 @@ impl Follower {
         let distinct: HashSet<String> = registrations.iter().cloned().collect();
         assert_eq!(registrations.len(), distinct.len(), "the stream repeated a registration across its resumes");
         assert_eq!(distinct, expected, "the stream delivered exactly the acknowledged registrations");
-        eprintln!(
-            "the stream delivered {} registrations, resumed {} times",
-            distinct.len(),
-            self.resumes.load(Ordering::Relaxed)
-        );
+        let resumes = self.resumes.load(Ordering::Relaxed);
+        assert!(resumes >= 1, "the stream was resumed from its last id during the fault");
+        eprintln!("the stream delivered {} registrations, resumed {resumes} times", distinct.len());
     }
 }
 
@@ -254,6 +271,7 @@ async fn the_broker_on_postgres_storage_killed_twice_under_load_loses_and_double
     load.acknowledges(50, "the load to run").await;
     for round in 1..=2 {
         platform.broker.kill9_and_restart();
+        follower.resume_now();
         load.recovery(&format!("broker kill -9 and restart {round}")).await;
         load.acknowledges(50, &format!("the load to go on after broker restart {round}")).await;
     }
@@ -279,6 +297,8 @@ async fn the_database_server_stopped_under_load_loses_and_doubles_nothing() {
         (report["checks"]["database"]["status"] == "down").then_some(())
     })
     .await;
+    // The stream resumes while the database is down.
+    follower.resume_now();
     postgres.start_server();
     load.recovery("PostgreSQL stopped until the gateway saw it, then started").await;
     load.acknowledges(50, "the load to go on with the database back").await;
@@ -301,6 +321,7 @@ async fn redis_stopped_under_load_falls_back_visibly_and_is_used_again() {
     assert!(!redis.cli(&["--scan", "--pattern", &format!("{prefix}*")]).trim().is_empty(), "limits live in Redis");
 
     redis.stop_server();
+    follower.resume_now();
     let readiness = |expected: &'static str| {
         let url = format!("{gateway}/readyz");
         async move {
@@ -335,6 +356,7 @@ async fn the_schema_registry_killed_under_load_loses_and_doubles_nothing() {
     let load = Load::start(&platform.gateway_url, 8);
     load.acknowledges(50, "the load to run").await;
     platform.kill9(Role::Registry);
+    follower.resume_now();
     load.acknowledges(20, "the load to go on without the registry (schemas are cached)").await;
     platform.spawn(Role::Registry);
     platform.wait_ready(Role::Registry, Duration::from_secs(60)).await;
@@ -426,6 +448,8 @@ async fn poison_records_in_every_topic_stop_no_reader_and_are_dead_lettered() {
         }
     }
 
+    // The stream resumes from its last id, past the poison.
+    follower.resume_now();
     // Writers keep serving every partition, the poisoned ones included.
     load.acknowledges(50, "the load to go on past the poison").await;
     // Every projection that reads a topic dead-letters its poison records, and nothing else.
