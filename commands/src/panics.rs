@@ -3,15 +3,20 @@
 //! call — as the gateway does for HTTP. Every call is counted too
 //! (`keel_grpc_requests_total{service,kind}`, kind `call`, `health` or `reflection`), so an
 //! operator sees which instances take traffic. Every call but health checks and reflection runs
-//! in a server span that continues the caller's trace (W3C `traceparent` in the call's metadata).
+//! in a server span that continues the caller's trace (W3C `traceparent` in the call's metadata),
+//! with a Sentry hub of its own, and a call that ends in an error status is reported on the error
+//! bus by its code's class.
 
 use std::{
     panic::AssertUnwindSafe,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use futures::FutureExt;
+use keel_runtime::errors;
+use sentry::SentryFutureExt;
 use tonic::Status;
 use tracing::Instrument;
 
@@ -58,24 +63,39 @@ where
         let path = request.uri().path().to_owned();
         metrics::counter!("keel_grpc_requests_total", "service" => service, "kind" => kind(&path)).increment(1);
         let span = rpc_span(&path, request.headers());
-        let call = span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))));
+        // A hub of the call's own: what its handler sets on the scope stays with its reports.
+        let hub = Arc::new(sentry::Hub::new_from_top(sentry::Hub::current()));
+        hub.configure_scope(|scope| scope.set_tag("rpc", path.trim_start_matches('/')));
+        let call = sentry::Hub::run(hub.clone(), || {
+            span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))))
+        });
         let answer = async move {
             let outcome = match call {
                 Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
                 Err(panic) => Err(panic),
             };
-            outcome.unwrap_or_else(|panic| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|text| (*text).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(service, rpc = %path, panic = %message, "a gRPC handler panicked; answered INTERNAL");
-                metrics::counter!("keel_grpc_panics_total", "service" => service).increment(1);
-                Ok(Status::internal("internal error").into_http())
-            })
+            match outcome {
+                Ok(answer) => {
+                    if let Ok(response) = &answer {
+                        classify(response, &path);
+                    }
+                    answer
+                }
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|text| (*text).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(service, rpc = %path, panic = %message, "a gRPC handler panicked; answered INTERNAL");
+                    metrics::counter!("keel_grpc_panics_total", "service" => service).increment(1);
+                    // Sent by the panic integration, with this call's scope; counted here.
+                    errors::count(errors::Class::System, "panic");
+                    Ok(Status::internal("internal error").into_http())
+                }
+            }
         };
-        Box::pin(answer.instrument(span))
+        Box::pin(answer.instrument(span).bind_hub(hub))
     }
 }
 
@@ -98,6 +118,24 @@ fn rpc_span(path: &str, headers: &http::HeaderMap) -> tracing::Span {
     );
     keel_runtime::telemetry::continue_trace_from_headers(&span, headers);
     span
+}
+
+/// Reports a call that ended in an error status (a unary call's error is a trailers-only
+/// response: its status is in the headers) on the error bus, by its code's class.
+fn classify(response: &http::Response<tonic::body::Body>, path: &str) {
+    let Some(status) = Status::from_header_map(response.headers()) else { return };
+    if status.code() == tonic::Code::Ok {
+        return;
+    }
+    let kind = format!("{:?}", status.code()).to_lowercase();
+    let rpc = path.trim_start_matches('/');
+    match errors::class_of_grpc(status.code() as i32) {
+        errors::Class::Business => errors::business(&kind, rpc),
+        errors::Class::System => {
+            let message = format!("{rpc} answered {kind}: {}", status.message());
+            errors::system(&kind, &message, &[("rpc", rpc)], None);
+        }
+    }
 }
 
 /// What a call is, by its path: a bounded label whatever paths clients send.

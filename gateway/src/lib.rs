@@ -56,7 +56,7 @@ use keel_discovery::Discovery;
 use crate::{
     cache::QueryCache,
     problem::Problem,
-    security::{Permissions, RateLimiter, RouteGuard, Rule, Rules, Security, StatusCache, TokenVerifier},
+    security::{Access, Permissions, RateLimiter, RouteGuard, Rule, Rules, Security, StatusCache, TokenVerifier},
     streams::{Streams, StreamsConfig, hub::HubContext},
 };
 
@@ -163,6 +163,9 @@ pub struct GatewayConfig {
     pub rate_limit: RateLimitConfig,
     pub query_cache: QueryCacheConfig,
     pub streams: StreamsConfig,
+    /// Tests only: also serve `GET /v1/test/panic`, whose handler panics, to show that a panic
+    /// is answered 500, counted and reported. Never set it in production.
+    pub unsafe_panic_route: bool,
 }
 
 impl Default for GatewayConfig {
@@ -179,6 +182,7 @@ impl Default for GatewayConfig {
             rate_limit: RateLimitConfig::default(),
             query_cache: QueryCacheConfig::default(),
             streams: StreamsConfig::default(),
+            unsafe_panic_route: false,
         }
     }
 }
@@ -358,17 +362,20 @@ impl ReadinessCheck for KeysCheck {
 
 /// The gateway's routes, each behind the security pipeline with its rule, with health and
 /// metrics.
-pub fn router(state: AppState, health: Health, max_body_bytes: usize) -> Router {
-    let api = routes::ROUTES
-        .iter()
-        .fold(Router::new(), |router, route| {
-            let guard = RouteGuard { security: state.security.clone(), access: route.access, template: route.path };
-            let handler =
-                (route.handler)().route_layer(axum::middleware::from_fn_with_state(guard, security::pipeline));
-            router.route(route.path, handler)
-        })
-        .with_state(state)
-        .layer(DefaultBodyLimit::max(max_body_bytes));
+pub fn router(state: AppState, health: Health, max_body_bytes: usize, panic_route: bool) -> Router {
+    let guarded = |access: Access, template: &'static str| {
+        let guard = RouteGuard { security: state.security.clone(), access, template };
+        axum::middleware::from_fn_with_state(guard, security::pipeline)
+    };
+    let mut api = routes::ROUTES.iter().fold(Router::new(), |router, route| {
+        router.route(route.path, (route.handler)().route_layer(guarded(route.access, route.path)))
+    });
+    if panic_route {
+        tracing::warn!("gateway.unsafe_panic_route is set: GET /v1/test/panic panics (tests only)");
+        let panics = axum::routing::get(panic_on_purpose);
+        api = api.route("/v1/test/panic", panics.route_layer(guarded(Access::Public, "/v1/test/panic")));
+    }
+    let api = api.with_state(state).layer(DefaultBodyLimit::max(max_body_bytes));
     Router::new()
         .merge(api)
         .merge(keel_runtime::admin::router(health))
@@ -378,6 +385,15 @@ pub fn router(state: AppState, health: Health, max_body_bytes: usize) -> Router 
         })
         .layer(axum::middleware::from_fn(observe::record))
         .layer(CatchPanicLayer::custom(observe::panic_response))
+        // Each request gets a Sentry hub of its own (its user, its route), and its reports the
+        // request's method, URL and headers — those that may carry credentials left out.
+        .layer(sentry::integrations::tower::SentryHttpLayer::new())
+        .layer(sentry::integrations::tower::NewSentryLayer::new_from_top())
+}
+
+/// `GET /v1/test/panic` (`gateway.unsafe_panic_route`, tests only).
+async fn panic_on_purpose() -> Problem {
+    panic!("the test route panicked, as asked")
 }
 
 /// Starts the gateway on `listener`: the security pipeline (rate limits, keys, status and
@@ -490,7 +506,11 @@ pub async fn start(
         projections: sources.projections.into(),
         openapi: openapi::build(routes::ROUTES).to_string().into(),
     };
-    lifecycle.serve_http("gateway-http", listener, router(state, health, config.max_body_bytes));
+    lifecycle.serve_http(
+        "gateway-http",
+        listener,
+        router(state, health, config.max_body_bytes, config.unsafe_panic_route),
+    );
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
+use keel_runtime::errors;
 use tracing::Instrument;
 
 use crate::problem::Problem;
@@ -25,6 +26,8 @@ pub async fn record(request: Request, next: Next) -> Response {
     let probe = matches!(route.as_str(), "/livez" | "/readyz" | "/healthz" | "/metrics");
     let span = if probe { tracing::Span::none() } else { request_span(&method, &route) };
     keel_runtime::telemetry::continue_trace_from_headers(&span, request.headers());
+    // This request's hub (see the router): a panic's report names the route too.
+    sentry::configure_scope(|scope| scope.set_tag("route", &route));
     let mut response = next.run(request).instrument(span.clone()).await;
     let status = response.status();
     span.record("status", status.as_u16());
@@ -32,11 +35,17 @@ pub async fn record(request: Request, next: Next) -> Response {
     if let Some(value) = keel_runtime::telemetry::traceparent_of(&span).and_then(|value| value.parse().ok()) {
         response.headers_mut().insert("traceparent", value);
     }
-    let labels = [("method", method.to_string()), ("route", route), ("status", status.as_u16().to_string())];
+    let labels = [("method", method.to_string()), ("route", route.clone()), ("status", status.as_u16().to_string())];
     metrics::counter!("keel_http_requests_total", &labels).increment(1);
     metrics::histogram!("keel_http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+    let code = status.as_u16().to_string();
     if status.is_server_error() {
-        tracing::warn!(parent: &span, status = status.as_u16(), "request failed");
+        let message = format!("{method} {route} answered {code}");
+        span.in_scope(|| {
+            errors::system(&code, &message, &[("route", &route), ("method", method.as_str()), ("status", &code)], None);
+        });
+    } else if status.is_client_error() {
+        errors::business(&code, &route);
     }
     response
 }
@@ -65,5 +74,7 @@ pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         .unwrap_or("unknown panic");
     tracing::error!(panic = message, "handler panicked");
     metrics::counter!("keel_http_panics_total").increment(1);
+    // Sent by the panic integration, with the request's scope; counted here.
+    errors::count(errors::Class::System, "panic");
     Problem::internal().into_response()
 }

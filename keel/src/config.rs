@@ -5,7 +5,7 @@ use keel_discovery::DiscoveryConfig;
 use keel_gateway::GatewayConfig;
 use keel_projections::ProjectorConfig;
 use keel_runtime::{
-    ConfigError, DatabaseConfig, KafkaConfig, LogConfig, ShutdownConfig, TracingConfig, config::ensure,
+    ConfigError, DatabaseConfig, ErrorsConfig, KafkaConfig, LogConfig, ShutdownConfig, TracingConfig, config::ensure,
 };
 use keel_topics::PersonalDataConfig;
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub struct KeelConfig {
     pub log: LogConfig,
     pub tracing: TracingConfig,
+    pub errors: ErrorsConfig,
     pub shutdown: ShutdownConfig,
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
@@ -80,6 +81,7 @@ impl KeelConfig {
         ensure(self.schema_registry.url.starts_with("http"), "schema_registry.url", "must be an http(s) URL")?;
         self.log.validate()?;
         self.tracing.validate()?;
+        self.errors.validate()?;
         self.discovery.validate()?;
         self.personal_data.validate()?;
         self.identity.validate()?;

@@ -143,6 +143,8 @@ fn main() -> ExitCode {
     // Flushes the queued spans when main returns.
     let _telemetry = (!matches!(cli.command, Command::Replay(_) | Command::Tail(_)))
         .then(|| keel_runtime::telemetry::init(&config.log, &config.tracing, service_name(&cli.command)));
+    // Sends the queued error reports when main returns.
+    let _errors = keel_runtime::errors::init(&config.errors, service_name(&cli.command));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -258,7 +258,12 @@ impl Lane {
             Applied::Stop(error) => {
                 transaction.rollback().await.ok();
                 store::record_error(&runner.pool, name, runner.version, &error, true).await?;
-                tracing::error!(projection = name, error = %error, "projection stopped by its poison policy");
+                keel_runtime::errors::system(
+                    "projection_stopped",
+                    &format!("projection {name} stopped by its poison policy: {error}"),
+                    &[("projection", name)],
+                    None,
+                );
                 return Ok(Batch::Stopped);
             }
         };
@@ -408,6 +413,14 @@ impl Lane {
         for (item, reason) in &admitted.poison {
             runner.dead_letters.publish(connection, name, runner.version, &item.message, reason).await?;
             metrics::counter!("keel_projection_dead_letters_total", "projection" => name).increment(1);
+            let message = &item.message;
+            let (partition, offset) = (message.partition().to_string(), message.offset().to_string());
+            keel_runtime::errors::system(
+                "dead_letter",
+                &format!("projection {name} dead-lettered {}/{partition}@{offset}: {reason}", message.topic()),
+                &[("projection", name), ("topic", message.topic()), ("partition", &partition), ("offset", &offset)],
+                None,
+            );
         }
         store::save_streams(connection, name, runner.version, &admitted.changed).await?;
         let expected = next.clone();

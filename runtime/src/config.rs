@@ -200,6 +200,34 @@ impl LogConfig {
     }
 }
 
+/// Where errors go besides the log and `keel_errors_total`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrorsConfig {
+    /// The DSN of a Sentry project (Sentry, or a tracker that speaks its protocol: Bugsink,
+    /// GlitchTip). Unset: system errors are logged and counted only.
+    pub sentry_dsn: Option<Secret>,
+    /// The environment reports are filed under (`production`, `staging`, …).
+    pub environment: String,
+}
+
+impl Default for ErrorsConfig {
+    fn default() -> Self {
+        Self { sentry_dsn: None, environment: "development".into() }
+    }
+}
+
+impl ErrorsConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(!self.environment.trim().is_empty(), "errors.environment", "must not be empty")?;
+        ensure(
+            self.sentry_dsn.as_ref().is_none_or(|dsn| dsn.expose().parse::<sentry::types::Dsn>().is_ok()),
+            "errors.sentry_dsn",
+            "must be a Sentry DSN such as https://<key>@<host>/<project>",
+        )
+    }
+}
+
 /// Traces: how many are kept and where they go.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

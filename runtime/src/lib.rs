@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod errors;
 pub mod lifecycle;
 pub mod listen;
 pub mod notifications;
@@ -13,6 +14,7 @@ pub mod telemetry;
 
 pub use admin::{Health, ReadinessCheck};
 pub use config::{
-    ConfigError, ConfigSources, DatabaseConfig, KafkaConfig, LogConfig, Secret, ShutdownConfig, TracingConfig,
+    ConfigError, ConfigSources, DatabaseConfig, ErrorsConfig, KafkaConfig, LogConfig, Secret, ShutdownConfig,
+    TracingConfig,
 };
 pub use lifecycle::Lifecycle;

@@ -61,7 +61,13 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig, service: &str) -> Telemetr
         .with_threads(false)
         .with_tracked_inactivity(false)
         .with_filter(filter_fn(|metadata| metadata.target().starts_with("keel")));
-    let registry = tracing_subscriber::registry().with(filter).with(traces);
+    // Keel's log lines become the breadcrumbs of the error reports made after them (reports
+    // themselves go through `errors`, never from a log line).
+    let breadcrumbs = sentry::integrations::tracing::BreadcrumbLayer::new().with_filter(filter_fn(|metadata| {
+        metadata.target().starts_with("keel")
+            && matches!(*metadata.level(), tracing::Level::ERROR | tracing::Level::WARN | tracing::Level::INFO)
+    }));
+    let registry = tracing_subscriber::registry().with(filter).with(traces).with(breadcrumbs);
     let result = match log.format {
         LogFormat::Json => registry
             .with(fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false))

@@ -534,7 +534,17 @@ impl<M: Model> Engine<M> {
                     };
                     let failed = running.iter().find(|(_, (_, task))| *task == id).map(|(partition, _)| *partition);
                     if let Some(partition) = failed {
-                        tracing::error!(partition, outcome = ?finished.err(), "a partition task ended; reloading the partition");
+                        let partition_label = partition.to_string();
+                        keel_runtime::errors::system(
+                            "writer_stopped",
+                            &format!(
+                                "the writer of {}/{partition} ended ({:?}); reloading the partition",
+                                self.shared.topic,
+                                finished.err()
+                            ),
+                            &[("topic", &self.shared.topic), ("partition", &partition_label)],
+                            None,
+                        );
                         metrics::counter!("keel_command_partition_failures_total", "topic" => self.shared.topic.clone())
                             .increment(1);
                         self.writers.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&partition);

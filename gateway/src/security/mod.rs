@@ -194,6 +194,12 @@ pub async fn pipeline(
             Err(response) => return response,
         },
     };
+    // Reports of this request (it has a Sentry hub of its own) name the user, by id only.
+    if let Some(user) = caller.user() {
+        sentry::configure_scope(|scope| {
+            scope.set_user(Some(sentry::User { id: Some(user.to_string()), ..Default::default() }));
+        });
+    }
     let user_key = caller.user().map(|id| format!("user:{id}"));
     let limits: Vec<(&str, Rule)> = match (&user_key, cheap) {
         (Some(user), true) => vec![(&ip_key, security.rules.per_ip), (user, security.rules.per_user)],
